@@ -1,0 +1,285 @@
+"""The ``prefect-torch`` command: train, predict, demo, pools.
+
+User errors (bad data, bad options) print one clear message and exit with
+status 2; ``--debug`` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+EXIT_USER_ERROR = 2
+
+DEMO_DATASETS = {
+    "housing": ("housing.csv", "price"),
+    "churn": ("churn.csv", "churned"),
+}
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 64,32; got {text!r}") from None
+
+
+def _csv_names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--problem", choices=["auto", "regression", "binary", "multiclass"], default="auto")
+    group.add_argument("--epochs", type=int, default=20)
+    group.add_argument("--batch-size", type=int, default=64)
+    group.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    group.add_argument("--optimizer", default="adam", help="adam, adamw, sgd or rmsprop")
+    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument("--momentum", type=float, default=0.0)
+    group.add_argument("--hidden", type=_csv_ints, default=[64, 64], help="hidden layer sizes, e.g. 64,32")
+    group.add_argument("--activation", default="relu", help="relu, gelu, silu, tanh, leaky_relu, elu, sigmoid")
+    group.add_argument("--dropout", type=float, default=0.0)
+    group.add_argument("--norm", default="none", help="none, batch or layer")
+    group.add_argument("--loss", default="auto", help="auto, mse, mae, huber, bce, cross_entropy")
+    group.add_argument("--scheduler", default="none", help="none, step, cosine or plateau")
+    group.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    group.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
+    group.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step")
+    group.add_argument("--clip", type=float, default=None, help="clip the gradient norm to this value")
+    group.add_argument("--val-fraction", type=float, default=0.15)
+    group.add_argument("--test-fraction", type=float, default=0.15)
+    group.add_argument("--stepwise", action="store_true", help="run every step as its own card (slower, inspectable)")
+    parser.add_argument("--output", default=None, help="folder to save the model to")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefect-torch", description="Train PyTorch models as Prefect flows.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model on a CSV or Parquet file")
+    train.add_argument("data", help="path or URL (s3://...) of a CSV or Parquet file")
+    train.add_argument("--target", required=True, help="column to predict")
+    train.add_argument("--features", type=_csv_names, default=None, help="feature columns (default: all others)")
+    train.add_argument("--format", choices=["auto", "csv", "parquet"], default="auto")
+    _add_training_options(train)
+
+    predict = commands.add_parser("predict", help="predict with a saved model")
+    predict.add_argument("model", help="model folder (a train run's model_uri)")
+    predict.add_argument("data", help="CSV or Parquet file with the feature columns")
+    predict.add_argument("--output", required=True, help="where to write predictions (.csv or .parquet)")
+    predict.add_argument("--proba", action="store_true", help="also write class probabilities")
+
+    demo = commands.add_parser("demo", help="train on a bundled example dataset")
+    demo.add_argument("--dataset", choices=sorted(DEMO_DATASETS), default="housing")
+    _add_training_options(demo)
+
+    pools = commands.add_parser("pools", help="work pools for deployments")
+    pool_commands = pools.add_subparsers(dest="pools_command", required=True)
+    create = pool_commands.add_parser(
+        "create", help="create the cpu and cuda work pools and the gpu tag limit on PREFECT_API_URL (idempotent)"
+    )
+    create.add_argument("--type", dest="pool_type", choices=["process", "kubernetes"], default="process")
+    create.add_argument("--gpu-limit", type=int, default=1, help="task runs tagged gpu at once (new limit only)")
+    return parser
+
+
+def _pools(args: argparse.Namespace) -> int:
+    from prefect_torch.deployments import ensure_work_pools
+
+    done = ensure_work_pools(pool_type=args.pool_type, gpu_limit=args.gpu_limit)
+    print("\n".join([f"created {item}" for item in done["created"]]
+                    + [f"exists  {item} (left unchanged)" for item in done["existing"]]), flush=True)
+    return 0
+
+
+def _flow_parameters(args: argparse.Namespace, uri: str, target: str) -> dict[str, Any]:
+    return {
+        "dataset": {
+            "uri": uri, "target": target, "features": getattr(args, "features", None),
+            "format": getattr(args, "format", "auto"), "problem": args.problem,
+            "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
+        },
+        "model": {"hidden": args.hidden, "activation": args.activation, "dropout": args.dropout,
+                  "norm": args.norm, "seed": args.seed},
+        "optimizer": {"name": args.optimizer, "lr": args.lr, "weight_decay": args.weight_decay,
+                      "momentum": args.momentum},
+        "training": {"epochs": args.epochs, "batch_size": args.batch_size, "accumulate": args.accumulate,
+                     "clip": args.clip, "loss": args.loss, "scheduler": {"name": args.scheduler},
+                     "early_stopping_patience": args.patience, "seed": args.seed, "device": args.device,
+                     "precision": args.precision, "compile": args.compile},
+        "output": args.output,
+    }
+
+
+def _validated(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Build the typed specs up front so option errors read as option errors."""
+    from prefect_torch.engine.loop import TrainSpec
+    from prefect_torch.engine.models import ModelSpec
+    from prefect_torch.engine.optim import OptimizerSpec
+    from prefect_torch.flows.params import DatasetSpec
+
+    return {
+        "dataset": DatasetSpec.model_validate(parameters["dataset"]),
+        "model": ModelSpec.model_validate(parameters["model"]),
+        "optimizer": OptimizerSpec.model_validate(parameters["optimizer"]),
+        "training": TrainSpec.model_validate(parameters["training"]),
+        "output": parameters["output"],
+    }
+
+
+def _run_training(args: argparse.Namespace, uri: str, target: str) -> int:
+    parameters = _validated(_flow_parameters(args, uri, target))
+    if args.device == "cuda":
+        from prefect_torch.engine.device import resolve_device
+
+        resolve_device("cuda")  # fail before starting Prefect
+    from prefect_torch.runtime import run_cli_flow
+
+    if args.stepwise:
+        from prefect_torch.flows import stepwise_train_flow as chosen
+    else:
+        from prefect_torch.flows import train_flow as chosen
+    result = run_cli_flow(chosen, **parameters)
+    _report(result, args.json)
+    return 0
+
+
+def _report(result, as_json: bool) -> None:
+    summary = {
+        "metrics": result.metrics,
+        "history": result.history,
+        "model_uri": result.model_uri,
+        "problem": result.problem,
+        "stop_reason": result.stop_reason,
+        "data_key": result.data_key,
+        "device": result.device,
+    }
+    lines = [f"problem: {result.problem} (loss {result.loss}, {result.steps} steps on {result.device})"]
+    lines += [f"  {name:<9} {value:.4f}" for name, value in result.metrics.items()]
+    lines.append(f"model saved to {result.model_uri}")
+    print("\n".join(lines), flush=True)
+    if as_json:
+        print(json.dumps(summary, default=float), flush=True)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from prefect_torch.engine.data import LoadSpec, load_table
+    from prefect_torch.engine.persist import load_model
+
+    model = load_model(args.model)
+    frame = load_table(LoadSpec(uri=args.data)).frame
+    out = frame.copy()
+    out[f"predicted_{model.info.target}"] = model.predict(frame).to_numpy()
+    if args.proba:
+        if model.info.problem == "regression":
+            raise _UsageError("--proba is for classification models; this model is a regression model.")
+        proba = model.predict_proba(frame)
+        out[list(proba.columns)] = proba.to_numpy()
+    path = Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".parquet", ".pq"):
+        out.to_parquet(path, index=False)
+    else:
+        out.to_csv(path, index=False)
+    print(f"wrote {len(out)} predictions to {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    filename, target = DEMO_DATASETS[args.dataset]
+    path = resources.files("prefect_torch.examples") / "data" / filename
+    print(f"demo: training on the bundled {args.dataset} dataset ({filename}, target {target!r})", flush=True)
+    return _run_training(args, str(path), target)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _hide_user_error_tracebacks() -> None:
+    """Prefect's console log prints a task's traceback on failure; for a user error
+    (bad data, bad option) the one-line message is the useful part. The API logs,
+    which the Prefect UI shows, keep the full traceback."""
+    import logging
+
+    from prefect.logging.configuration import setup_logging
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    setup_logging()
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler) and handler.formatter is not None:
+                handler.formatter.format = _without_user_tracebacks(handler.formatter.format)  # type: ignore[method-assign]
+
+
+def _without_user_tracebacks(format_record):
+    from prefect_torch.errors import PrefectTorchError
+
+    def format(record):
+        if not (record.exc_info and isinstance(record.exc_info[1], PrefectTorchError)):
+            return format_record(record)
+        # Another handler may already have cached the traceback text on the record.
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return format_record(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+    return format
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = build_parser().parse_args(argv)
+    if not args.debug and args.command != "predict":
+        _hide_user_error_tracebacks()
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "train": lambda a: _run_training(a, a.data, a.target),
+        "predict": _predict,
+        "demo": _demo,
+        "pools": _pools,
+    }
+    try:
+        return handlers[args.command](args)
+    except Exception as exc:  # noqa: BLE001 - user errors become one line, others keep their traceback
+        if not _is_user_error(exc) or args.debug:
+            raise
+        print(f"error: {_message(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from pydantic import ValidationError
+
+    from prefect_torch.errors import PrefectTorchError
+
+    return isinstance(exc, (PrefectTorchError, ValidationError, _UsageError))
+
+
+def _message(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+        return "invalid option: " + "; ".join(problems)
+    return str(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Exceptions raised by prefect-torch.
+
+Every error a user can cause is a ``PrefectTorchError`` whose message names the
+problem and the fix::
+
+    PrefectTorchError
+    ├── DataError            the dataset: missing file, bad format, bad columns, NaNs
+    ├── ConfigError          a spec or argument: unknown optimizer, loss, shape rules
+    ├── DeviceError          the device asked for is not available
+    ├── TrainingError        training diverged (NaN/inf loss) or cannot proceed
+    ├── StaleHandleError     a model/optimizer handle whose live object moved on
+    ├── IntegrityError       a stored record failed its checksum or is untrusted
+    └── StorageError         a result or checkpoint could not be read or written
+
+This module imports nothing from torch or Prefect.
+"""
+
+from __future__ import annotations
+
+
+class PrefectTorchError(Exception):
+    """Base class of every error prefect-torch raises on purpose."""
+
+
+class DataError(PrefectTorchError, ValueError):
+    """The dataset cannot be used as given."""
+
+
+class ConfigError(PrefectTorchError, ValueError):
+    """A spec or argument is invalid or inconsistent."""
+
+
+class DeviceError(PrefectTorchError, RuntimeError):
+    """The requested device is not available here."""
+
+
+class TrainingError(PrefectTorchError, RuntimeError):
+    """Training cannot continue (for example the loss became NaN)."""
+
+
+class StaleHandleError(PrefectTorchError, RuntimeError):
+    """A handle refers to a model or optimizer state that has since changed."""
+
+
+class IntegrityError(PrefectTorchError):
+    """A stored record is corrupt, truncated or of an untrusted kind."""
+
+
+class StorageError(PrefectTorchError, OSError):
+    """A result, checkpoint or model could not be persisted or read."""
+
+
+__all__ = [
+    "PrefectTorchError",
+    "DataError",
+    "ConfigError",
+    "DeviceError",
+    "TrainingError",
+    "StaleHandleError",
+    "IntegrityError",
+    "StorageError",
+]

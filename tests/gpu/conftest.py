@@ -1,0 +1,39 @@
+"""Tests of the CUDA path.
+
+Tests marked ``gpu`` need a CUDA GPU and are skipped without one, so CI (no GPU)
+stays green; run them on a GPU machine with ``pytest tests/gpu -m gpu``. The
+benchmark smoke test here runs anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(autouse=True)
+def _skip_gpu_tests_without_cuda(request):
+    if request.node.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+@pytest.fixture
+def sync_debug_error():
+    """Make any CUDA host sync raise while the returned switch is on."""
+
+    class Switch:
+        def on(self) -> None:
+            torch.cuda.set_sync_debug_mode("error")
+
+        def off(self) -> None:
+            torch.cuda.set_sync_debug_mode("default")
+
+    switch = Switch()
+    try:
+        yield switch
+    finally:
+        switch.off()

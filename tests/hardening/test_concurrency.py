@@ -1,0 +1,164 @@
+"""Identical cards started at once in separate processes compute once; a lock
+holder killed with SIGKILL blocks the next run for at most its lease.
+
+Each test starts real ``train_flow`` runs in fresh processes that share one
+Prefect API (the session harness), one Prefect home (so one result storage and
+its ``locks`` folder) and one dataset, as two workers of one deployment would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefect_torch import load_model
+from tests.datasets import noisy_linear
+from tests.support.prefect_server import ManagedProcess, base_env, start_process
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+REPO = Path(__file__).resolve().parents[2]
+COARSE = ("data_load", "data_split", "model_define", "train", "evaluate")
+# Long enough (a few seconds of training on an idle machine) that the second run
+# reaches the Train card while the first is still training.
+TRAINING = {"epochs": 40, "batch_size": 8, "device": "cpu", "checkpoint_every": 50}
+
+
+def params(data: Path, output: Path) -> dict:
+    return {
+        "dataset": {"uri": str(data), "target": "y"},
+        "model": {"hidden": [32, 32]},
+        "optimizer": {"lr": 0.005},
+        "training": TRAINING,
+        "output": str(output),
+    }
+
+
+@pytest.fixture
+def shared(tmp_path, prefect_harness):
+    """A dataset, and the environment of runs sharing one API and one Prefect home."""
+    from prefect.settings import PREFECT_API_URL
+
+    data = tmp_path / "data.csv"
+    noisy_linear(1200).to_csv(data, index=False)
+    env = base_env(
+        PREFECT_API_URL=PREFECT_API_URL.value(),
+        PREFECT_HOME=str(tmp_path / "home"),
+        PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW="ignore",
+        OMP_NUM_THREADS="1",  # two trainings on a small machine: no thread oversubscription
+    )
+    return data, env, tmp_path
+
+
+def start_run(request: dict, env: dict, log: Path) -> ManagedProcess:
+    args = [sys.executable, "-m", "tests.caching.run_train_flow", json.dumps(request)]
+    return start_process(args, env, log, cwd=REPO)
+
+
+def outcome(process: ManagedProcess, timeout: float) -> dict:
+    """Wait for a run process; return the JSON it prints (card states, metrics)."""
+    try:
+        code = process.popen.wait(timeout=timeout)
+    finally:
+        process.stop()
+    log = process.log_path.read_text(errors="replace")
+    assert code == 0, f"run exited {code}:\n{process.log_tail(80)}"
+    lines = [line for line in log.splitlines() if line.startswith('{"cards"')]
+    assert lines, f"no result printed:\n{process.log_tail(80)}"
+    return json.loads(lines[-1])
+
+
+def waited_for_a_lock(process: ManagedProcess, card: str = "") -> bool:
+    """Whether the run logged that it waited on another run's lock (of ``card``, if given)."""
+    return f"Waiting for the lock of {card}" in process.log_path.read_text(errors="replace")
+
+
+def train_lease(home: Path) -> dict | None:
+    for path in (home / "prefect-torch" / "locks").glob("train-*.lock"):
+        try:
+            return json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def holder_pid(lease: dict) -> int:
+    return int(lease["pid"])
+
+
+def weights(uri: str) -> dict[str, torch.Tensor]:
+    return load_model(uri).model.state_dict()
+
+
+def test_identical_runs_started_together_train_once(shared):
+    data, env, tmp = shared
+    runs = [start_run(params(data, tmp / f"model-{i}"), env, tmp / f"run-{i}.log") for i in range(2)]
+    first, second = (outcome(run, timeout=300) for run in runs)
+
+    # Every coarse card computed in exactly one of the two runs; the other read its result.
+    for card in COARSE:
+        assert sorted([first["cards"][card], second["cards"][card]]) == ["Cached", "Completed"], (card, first, second)
+    # And they overlapped: the run that computed nothing waited on the other's locks
+    # (without the locks, both would have missed the cache and computed every card).
+    trained, waited = (0, 1) if first["cards"]["train"] == "Completed" else (1, 0)
+    assert waited_for_a_lock(runs[waited]) and not waited_for_a_lock(runs[trained])
+
+    assert first["metrics"] == second["metrics"]
+    a, b = weights(first["model_uri"]), weights(second["model_uri"])
+    assert first["model_uri"] != second["model_uri"] and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+HOLD_SECONDS = 3.0
+# The lease expires at most HOLD_SECONDS after the killed holder's last renewal;
+# the waiter looks every 0.1 s. The slack covers a loaded CI machine.
+TAKEOVER_BOUND_S = HOLD_SECONDS + 2.0
+
+
+def test_a_killed_lock_holder_blocks_the_next_run_only_for_its_lease(shared):
+    data, env, tmp = shared
+    env = {**env, "PREFECT_TORCH_LOCK_HOLD_SECONDS": str(HOLD_SECONDS)}
+    runs = [start_run(params(data, tmp / f"model-{i}"), env, tmp / f"run-{i}.log") for i in range(2)]
+    try:
+        # Wait until one run trains (holds the Train card's lock) and the other waits for it.
+        deadline = time.monotonic() + 240
+        while True:
+            lease = train_lease(tmp / "home")
+            waiting = [run for run in runs if waited_for_a_lock(run, "train-")]
+            if lease is not None and waiting:
+                break
+            assert all(run.popen.poll() is None for run in runs), [run.log_tail() for run in runs]
+            assert time.monotonic() < deadline, "no run waited on the other's Train lock"
+            time.sleep(0.05)
+        holder = next(run for run in runs if run.pid == holder_pid(lease))
+        waiter = next(run for run in runs if run is not holder)
+        assert waiting == [waiter]
+
+        os.killpg(holder.pid, signal.SIGKILL)  # mid-training: no cleanup, the lock file stays
+        killed = time.monotonic()
+        holder.popen.wait(timeout=30)
+        assert train_lease(tmp / "home")["holder"] == lease["holder"]
+
+        # The waiter takes the lease over once it expires, within the bound.
+        while (current := train_lease(tmp / "home")) is None or holder_pid(current) != waiter.pid:
+            assert waiter.popen.poll() is None, waiter.log_tail()
+            assert time.monotonic() - killed < 60, "the dead holder's lock was never taken over"
+            time.sleep(0.05)
+        took_over = time.monotonic() - killed
+        assert took_over <= TAKEOVER_BOUND_S, f"took {took_over:.1f} s, bound {TAKEOVER_BOUND_S} s"
+
+        result = outcome(waiter, timeout=240)
+    finally:
+        for run in runs:
+            run.stop()
+    # The survivor trained itself (nothing was cached by the killed run) and finished.
+    assert result["cards"]["train"] == "Completed" and result["cards"]["evaluate"] == "Completed"
+    assert "Took over the lock of train-" in waiter.log_path.read_text(errors="replace")
+    assert not list((tmp / "home" / "prefect-torch" / "locks").glob("train-*.lock"))  # released
