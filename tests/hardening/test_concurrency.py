@@ -105,10 +105,11 @@ def test_identical_runs_started_together_train_once(shared):
     # Every coarse card computed in exactly one of the two runs; the other read its result.
     for card in COARSE:
         assert sorted([first["cards"][card], second["cards"][card]]) == ["Cached", "Completed"], (card, first, second)
-    # And they overlapped: the run that computed nothing waited on the other's locks
-    # (without the locks, both would have missed the cache and computed every card).
+    # And they overlapped: the run that did not train waited on the other's Train lock
+    # (without the locks, both would have missed the cache and trained). The earlier
+    # cards may split either way between the runs, so only the Train lock is telling.
     trained, waited = (0, 1) if first["cards"]["train"] == "Completed" else (1, 0)
-    assert waited_for_a_lock(runs[waited]) and not waited_for_a_lock(runs[trained])
+    assert waited_for_a_lock(runs[waited], "train-") and not waited_for_a_lock(runs[trained], "train-")
 
     assert first["metrics"] == second["metrics"]
     a, b = weights(first["model_uri"]), weights(second["model_uri"])
