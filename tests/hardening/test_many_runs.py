@@ -73,9 +73,10 @@ def test_twenty_flow_runs_at_once_on_postgres(prefect_server_postgres, tmp_path)
     for run in task_runs:
         by_flow[run["flow_run_id"]].append(_card(run["name"]))
     assert all(sorted(cards) == sorted(CARDS) for cards in by_flow.values()), by_flow
-    unfinished = [(run["name"], run["state_name"], run["flow_run_id"]) for run in task_runs
+    unfinished = [(run["name"], run["state_name"], run["flow_run_id"], run["id"]) for run in task_runs
                   if run["state_type"] != "COMPLETED"]
-    assert not unfinished, unfinished
+    assert not unfinished, json.dumps([(name, state, flow_run, _history(server, run_id))
+                                       for name, state, flow_run, run_id in unfinished], indent=1)
 
     computed = Counter(_card(run["name"]) for run in task_runs if run["state_name"] == "Completed")
     cached = Counter(_card(run["name"]) for run in task_runs if run["state_name"] == "Cached")
@@ -88,3 +89,18 @@ def test_twenty_flow_runs_at_once_on_postgres(prefect_server_postgres, tmp_path)
 
         with redis.Redis.from_url(server.redis_url) as client:
             assert client.xlen("events") > 0
+
+
+def _history(server, task_run_id: str) -> dict:
+    """What the API knows of a task run: its recorded states and the events it was built from."""
+    states = server.request("GET", "/task_run_states/", params={"task_run_id": task_run_id})
+    events = server.request("POST", "/events/filter", json={
+        "filter": {"resource": {"id": [f"prefect.task-run.{task_run_id}"]}, "order": "ASC",
+                   "occurred": {"since": "2000-01-01T00:00:00Z"}},
+        "limit": 50,
+    })
+    return {
+        "states": [(s["name"], s["timestamp"]) for s in states],
+        "events": [(e["event"], e["occurred"], e["payload"].get("validated_state", {}).get("timestamp"),
+                    e["id"], e.get("follows")) for e in events.get("events", [])],
+    }

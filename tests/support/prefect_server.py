@@ -260,13 +260,27 @@ def prefect_redis_available() -> bool:
     return True
 
 
+# Publish each incoming event at once and never from the periodic flush: that
+# flush clears the batch after awaiting Redis, losing what was added meanwhile.
+REDIS_EVENT_PUBLISHER_ENV = {
+    "PREFECT_REDIS_MESSAGING_PUBLISHER_BATCH_SIZE": "1",
+    "PREFECT_REDIS_MESSAGING_PUBLISHER_PUBLISH_EVERY": "86400",
+}
+
+
 def redis_messaging_env(redis_url: str) -> dict[str, str]:
     """Server settings that move messaging, ordering, leases and docket to Redis.
 
     These are the settings of Prefect's self-hosted guide for several
     servers sharing a PostgreSQL database; they need ``prefect-redis``.
+
+    Plus the two README recommends (``REDIS_EVENT_PUBLISHER_ENV``): the
+    server's Redis event publisher in prefect-redis 0.3.0 drops events that
+    arrive while its periodic flush awaits Redis, which left task runs
+    ``Running`` in the API although they had completed.
     """
     return {
+        **REDIS_EVENT_PUBLISHER_ENV,
         "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
         "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
         "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
@@ -405,7 +419,8 @@ def prefect_server(
     server_env = base_env(
         PREFECT_HOME=str(server_home),
         PREFECT_SERVER_DATABASE_CONNECTION_URL=database_url,
-        PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+        # INFO shows the event pipeline's ordering decisions when a test needs them.
+        PREFECT_SERVER_LOGGING_LEVEL=os.environ.get("PREFECT_TORCH_TEST_SERVER_LOGGING_LEVEL", "WARNING"),
     )
     if redis_url is not None:
         server_env.update(redis_messaging_env(redis_url))
