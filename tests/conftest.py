@@ -16,6 +16,9 @@ from collections.abc import Iterator
 # Set before anything imports prefect: Prefect reads its settings at import.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-torch-tests-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Flow runs in fresh subprocesses start Prefect's temporary server: its 20 s
+# default start-up limit is too short on a loaded two-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # Cards called on their own (outside a flow) log "Finished" without a flow run to attach to.
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 

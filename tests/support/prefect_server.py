@@ -183,6 +183,9 @@ def base_env(**overrides: str) -> dict[str, str]:
         p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
     )
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # A flow run in a fresh process starts Prefect's temporary server; its 20 s
+    # default is too short on a loaded two-core machine (the CLI sets the same).
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
     env.update(overrides)
     return env
 
@@ -293,6 +296,9 @@ def redis_messaging_env(redis_url: str) -> dict[str, str]:
 
 # --- Prefect server ---------------------------------------------------------------
 
+# How long a test keeps retrying a busy server (503, or a read that timed out).
+BUSY_RETRY_SECONDS = 90.0
+
 
 @dataclass
 class PrefectServer:
@@ -319,10 +325,27 @@ class PrefectServer:
         return self.api_url.removesuffix("/api")
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """Call the REST API (``path`` relative to ``/api``); return its JSON."""
-        response = self._http.request(method, path.lstrip("/"), **kwargs)
-        response.raise_for_status()
-        return response.json() if response.content else None
+        """Call the REST API (``path`` relative to ``/api``); return its JSON.
+
+        Retries for up to ``BUSY_RETRY_SECONDS`` what a loaded server answers
+        as Prefect's own client retries it: 503 (a SQLite server's database
+        was locked; nothing was written) and, for reads only, a timeout.
+        """
+        deadline = time.monotonic() + BUSY_RETRY_SECONDS
+        reading = method == "GET" or path.rstrip("/").endswith(("/filter", "/count"))
+        delay = 0.5
+        while True:
+            try:
+                response = self._http.request(method, path.lstrip("/"), **kwargs)
+            except httpx.TimeoutException:
+                if not reading or time.monotonic() > deadline:
+                    raise
+            else:
+                if response.status_code != 503 or time.monotonic() > deadline:
+                    response.raise_for_status()
+                    return response.json() if response.content else None
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def prefect(
         self, *args: str, timeout: float = 120, check: bool = True, cwd: Path | None = None
