@@ -62,12 +62,22 @@ CLI_OPTIONS = ["--target", "y", "--epochs", "12", "--batch-size", "8", "--hidden
                "--seed", "5", "--device", "cpu", "--lr", "0.01", "--json"]
 
 
+# `prefect-torch` as started from a terminal, where Ctrl-C raises KeyboardInterrupt: a
+# test run started in the background (`cmd &` in a script) hands its children SIGINT
+# ignored, and Python keeps an ignored SIGINT ignored.
+_CLI_WITH_CTRL_C = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'prefect-torch'; runpy.run_module('prefect_torch.cli', run_name='__main__', alter_sys=True)"
+)
+
+
 def _cli(csv: Path, home: Path, output: Path) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": _api_url(),
            "PYTHONUNBUFFERED": "1"}
     env.pop("PREFECT_TORCH_STORAGE_BLOCK", None)
+    args = ["train", str(csv), *CLI_OPTIONS, "--output", str(output)]
     return subprocess.Popen(
-        [sys.executable, "-m", "prefect_torch.cli", "train", str(csv), *CLI_OPTIONS, "--output", str(output)],
+        [sys.executable, "-c", _CLI_WITH_CTRL_C, *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
