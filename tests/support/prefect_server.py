@@ -442,7 +442,7 @@ def prefect_server(
     server_env = base_env(
         PREFECT_HOME=str(server_home),
         PREFECT_SERVER_DATABASE_CONNECTION_URL=database_url,
-        # INFO shows the event pipeline's ordering decisions when a test needs them.
+        # INFO shows the server services (event recorder, messaging) when debugging a test.
         PREFECT_SERVER_LOGGING_LEVEL=os.environ.get("PREFECT_TORCH_TEST_SERVER_LOGGING_LEVEL", "WARNING"),
     )
     if redis_url is not None:
