@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import gc
 import inspect
+import logging
 import math
 import time
 from typing import Any
@@ -196,7 +197,7 @@ class StepwiseLoop:
         self.after_step = _maybe_named(user_steps.after_step, cursor)
 
     def run(self) -> None:
-        with _long_lived_objects_frozen():
+        with _long_lived_objects_frozen(), _step_card_completions_quiet(PER_BATCH_CARDS):
             self.trainer.begin()
             while self.trainer.running:
                 self.run_epoch()
@@ -290,6 +291,51 @@ def _long_lived_objects_frozen():
         yield
     finally:
         gc.unfreeze()
+
+
+#: The cards a step-wise loop runs for every batch (or optimizer step).
+PER_BATCH_CARDS = frozenset(card.name for card in (
+    training_prepare_batch, training_zero_grad, training_forward, training_loss,
+    training_backward, training_optimizer_step, training_lr_schedule,
+))
+
+
+class _QuietCompletions(logging.Filter):
+    """Drops the "Finished in state Completed()" line of this flow run's per-batch cards.
+
+    Six of them per batch bury the epoch lines in the console and the run's log, and
+    each is shipped to the server and stored. Their task runs and states still show
+    in the UI; failures still log (at ERROR); at DEBUG level nothing is dropped.
+    """
+
+    def __init__(self, flow_run_id: str, cards: frozenset[str]):
+        super().__init__()
+        self.flow_run_id, self.cards = flow_run_id, cards
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno == logging.INFO
+            and getattr(record, "task_name", None) in self.cards
+            and getattr(record, "flow_run_id", None) == self.flow_run_id
+            and not logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        )
+
+
+@contextlib.contextmanager
+def _step_card_completions_quiet(cards: frozenset[str]):
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        yield  # no flow run to attribute lines to: leave logging alone
+        return
+    task_runs = logging.getLogger("prefect.task_runs")
+    quiet = _QuietCompletions(str(context.flow_run.id), cards)
+    task_runs.addFilter(quiet)
+    try:
+        yield
+    finally:
+        task_runs.removeFilter(quiet)
 
 
 def _maybe_named(step: Task | None, cursor: _Cursor) -> Task | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import pytest
@@ -17,6 +18,7 @@ from prefect_torch.engine.models import ModelSpec, build_model
 from prefect_torch.engine.optim import OptimizerSpec, SchedulerSpec
 from prefect_torch.errors import ConfigError, TrainingError
 from prefect_torch.flows import DatasetSpec, stepwise_train_flow, train_flow
+from prefect_torch.flows.stepwise import _QuietCompletions
 from tests.flows import harness
 
 
@@ -172,3 +174,54 @@ def test_takes_train_flow_parameters_and_keeps_tasks_out_of_the_deployment_form(
     assert extra == {"checkpoint_dir", "resume"}
     assert all(stepwise["properties"][name].get("description") for name in extra)
     assert stepwise_train_flow.fn.__annotations__["after_loss"]  # still typed for Python callers
+
+
+# -- logs -----------------------------------------------------------------------------
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def finished(self, task_name_prefix: str) -> list[str]:
+        return [r.task_run_name for r in self.records
+                if r.task_name.startswith(task_name_prefix) and r.getMessage().startswith("Finished in state")]
+
+
+@pytest.fixture
+def task_run_lines():
+    logger = logging.getLogger("prefect.task_runs")
+    lines, level = _Lines(), logger.level
+    logger.addHandler(lines)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+
+
+def test_per_batch_cards_do_not_log_their_completion(tmp_path, regression_csv, task_run_lines):
+    state = _run(tmp_path, regression_csv, TrainSpec(epochs=2, batch_size=50), after_step=halve_lr,
+                 return_state=True)
+    assert state.is_completed()
+
+    # Six lines a batch would bury the epoch lines; the task runs still show in the UI.
+    for card in ("training_prepare_batch", "training_zero_grad", "training_forward", "training_loss",
+                 "training_backward", "training_optimizer_step"):
+        assert task_run_lines.finished(card) == []
+    # Once-per-run and per-epoch cards, and the user's own steps, still log theirs.
+    assert task_run_lines.finished("training_epoch_end") == ["training_epoch_end[e1]", "training_epoch_end[e2]"]
+    assert len(task_run_lines.finished("halve_lr")) == 6
+    assert task_run_lines.finished("model_define") and task_run_lines.finished("evaluate")
+    # Only while the loop runs: a card called after it logs as usual.
+    assert not any(isinstance(f, _QuietCompletions) for f in logging.getLogger("prefect.task_runs").filters)
+
+
+def test_at_debug_level_per_batch_cards_log_their_completion(tmp_path, regression_csv, task_run_lines):
+    logging.getLogger("prefect.task_runs").setLevel(logging.DEBUG)
+    _run(tmp_path, regression_csv, TrainSpec(epochs=1, batch_size=50))
+    assert task_run_lines.finished("training_forward") == [f"training_forward[e1-b{b}]" for b in range(3)]
