@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -333,3 +334,13 @@ def running_s3_server(root: Path | str, **options: Any) -> Iterator[S3Server]:
 
 
 __all__ = ["S3Server", "running_s3_server", "free_port_pairs", "weed_binary"]
+
+
+# --- what a StorageError says about its retries ------------------------------------
+
+
+def retry_figures(message: str) -> tuple[int, int]:
+    """(attempts, seconds) from a StorageError's "after N attempts over S s"."""
+    found = re.search(r"after (\d+) attempts over (\d+) s", message)
+    assert found, f"the error does not say how it retried: {message}"
+    return int(found.group(1)), int(found.group(2))
