@@ -9,12 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py"
 LOOPS = ("train_flow", "plain_loop", "seed_loop")
@@ -57,21 +53,3 @@ def test_benchmark_options_set_the_sizes():
     assert (args.rows, args.epochs, args.device) == (500, 2, "cuda")
     args = load_script().parse_args([])
     assert (args.rows, args.epochs, args.precision) == (1_000_000, 3, "bf16")
-
-
-@pytest.mark.slow
-def test_benchmark_script_runs_from_the_command_line(tmp_path):
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        # A fresh PREFECT_HOME migrates its database at start-up: slow on a busy runner.
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-    }
-    env.pop("PREFECT_API_URL", None)  # an ephemeral API of its own
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=500,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    check_report(json.loads(done.stdout))  # stdout is the JSON report and nothing else
