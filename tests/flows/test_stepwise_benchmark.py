@@ -56,9 +56,9 @@ def test_quick_benchmark_reports_card_overhead_and_wall_time(tmp_path):
     report = json.loads(json.dumps(script.measure(script.parse_args(["--quick"]), str(tmp_path))))
 
     assert report["benchmark"] == "stepwise" and 0.9e6 < report["model_parameters"] < 1.1e6
+    # Read after the run: the one-thread round must have restored the thread count.
     check_per_card(report["per_card"], threads=torch.get_num_threads())
     check_per_card(report["per_card_one_thread"], threads=1)
-    assert torch.get_num_threads() == report["per_card"]["torch_threads"]  # restored after the one-thread run
     wall = report["wall"]
     # Both flows trained the same number of steps, so their times compare.
     assert wall["train_flow"]["steps"] == wall["stepwise_train_flow"]["steps"] > 0
