@@ -21,6 +21,7 @@ from torch import nn
 from prefect_torch.engine import steps
 from prefect_torch.engine.batching import BatchPlan, num_batches, plan_epoch
 from prefect_torch.engine.compilation import CompiledForward
+from prefect_torch.engine.cudagraph import CudaGraphs, StepFn, make_step
 from prefect_torch.engine.device import DeviceChoice, check_precision, resolve_device
 from prefect_torch.engine.metrics import PRIMARY_METRIC, compute_metrics
 from prefect_torch.engine.optim import SchedulerSpec, build_scheduler, current_lr, step_scheduler
@@ -66,6 +67,13 @@ class TrainSpec(Spec):
         description="resident: copy the training data to the device once; stream: keep it in host memory "
         "and copy batches ahead in the background (for data larger than GPU memory); auto: resident "
         "when it fits in half the free GPU memory.",
+    )
+    cuda_graphs: CudaGraphs = Field(
+        default="auto",
+        description="On CUDA, capture the training step once as CUDA graphs and replay it (forward, backward, "
+        "clipping and the fused optimizer step in one launch; the ragged last batch runs eagerly). auto: "
+        "capture where possible, else train eagerly and log why; on: fail with a DeviceError naming why "
+        "it cannot capture; off: always the eager step. No effect on CPU.",
     )
     checkpoint_every: int | None = Field(
         default=None, ge=1, description="Checkpoint every N optimizer steps; at each epoch end when empty."
@@ -129,7 +137,15 @@ class FitResult:
 
 
 class Callback:
-    """Hooks the loop calls; override what you need."""
+    """Hooks the loop calls; override what you need.
+
+    On CUDA the fast loop replays its step as CUDA graphs only if every callback that
+    overrides ``on_step_end`` says ``cuda_graph_safe = True``: its per-step hook reads
+    host state only (counters, clocks), so it neither stalls the GPU every step nor
+    replaces tensors the graphs point at. ``False`` keeps the eager step.
+    """
+
+    cuda_graph_safe: bool | None = None  # None: safe unless on_step_end is overridden
 
     def on_step_end(self, trainer: "Trainer") -> None: ...
 
@@ -190,6 +206,9 @@ class Trainer:
         # The latest batch's loss, still on the device: a progress callback may read it
         # (a host sync) every progress_every steps; the loop itself never does.
         self.last_loss: torch.Tensor | None = None
+        # How the fast loop trains a batch (CUDA graphs or eager), chosen at the first epoch
+        # it runs: after a resume has loaded the optimizer state the graphs will point at.
+        self.step_fn: StepFn | None = None
 
     # -- the loop -------------------------------------------------------------
 
@@ -233,10 +252,12 @@ class Trainer:
         # Summed on the device: reading it every step would stall a GPU.
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.train()
+        if self.step_fn is None:
+            self.step_fn = make_step(self)
         plans = self.plans[self.state.batch:]
         with contextlib.closing(self.source.batches(self.state.epoch, plans)) as batches:
             for plan, (xb, yb) in zip(plans, batches):
-                self.train_batch(plan, xb, yb, loss_sum)
+                self.step_fn(plan, xb, yb, loss_sum)
                 if plan.closes_group and self.mid_epoch_checkpoint_due():
                     # Fold the running sums into the state so a resumed run continues them.
                     self.state.epoch_loss_sum += float(loss_sum)
@@ -274,6 +295,10 @@ class Trainer:
     def finish_group(self, plan: BatchPlan) -> None:
         """Optimizer step (with clipping) at the end of an accumulation group."""
         steps.optimizer_step(self.optimizer, self.model, self.spec.clip, self.state.step + 1)
+        self.after_optimizer_step(plan)
+
+    def after_optimizer_step(self, plan: BatchPlan) -> None:
+        """Count the step, schedule the LR (per step) and call on_step_end; the graphed step shares it."""
         self.count_step(plan)
         if self.scheduler_due("step"):
             step_scheduler(self.scheduler, None)

@@ -39,6 +39,9 @@ DEFAULT_MIN_INTERVAL_S = 1.0
 class TrainingReport(Callback):
     """Progress, per-epoch history, loss curves and summary of one training run."""
 
+    # on_step_end reads the loop's host-side counters and clocks only: CUDA graphs stay on.
+    cuda_graph_safe = True
+
     def __init__(
         self,
         model_spec: ModelSpec,
