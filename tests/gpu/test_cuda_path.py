@@ -47,6 +47,8 @@ def make_trainer(splits, spec: TrainSpec, optimizer: OptimizerSpec = OptimizerSp
 class SyncWindow(Callback):
     """Any host sync raises from after an epoch's first optimizer step to after its last."""
 
+    cuda_graph_safe = True  # it only flips a host-side debug switch: the graphed step stays on
+
     def __init__(self, switch):
         self.switch = switch
         self.windows = 0
@@ -59,18 +61,20 @@ class SyncWindow(Callback):
             self.switch.off()
 
 
+@pytest.mark.parametrize("cuda_graphs", ["auto", "off"])
 @pytest.mark.parametrize("placement", ["resident", "stream"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("optimizer,problem", [("adam", "regression"), ("adamw", "binary"), ("sgd", "multiclass")])
-def test_the_step_loop_never_syncs_the_host(placement, precision, optimizer, problem, sync_debug_error):
+def test_the_step_loop_never_syncs_the_host(cuda_graphs, placement, precision, optimizer, problem, sync_debug_error):
     window = SyncWindow(sync_debug_error)
     spec = TrainSpec(epochs=2, batch_size=64, accumulate=2, clip=1.0, precision=precision,
-                     data_placement=placement, device="cuda")
+                     data_placement=placement, device="cuda", cuda_graphs=cuda_graphs)
     trainer = make_trainer(make_splits(problem), spec, OptimizerSpec(name=optimizer, momentum=0.9), [window])
     assert not trainer.check_every_step
 
     result = trainer.fit()  # raises "called a synchronizing CUDA operation" on any sync in the window
 
+    assert trainer.step_fn.graphed == (cuda_graphs == "auto"), trainer.step_fn.reason
     assert window.windows > 10
     assert all(np.isfinite(record["train_loss"]) for record in result.history)
 
