@@ -312,13 +312,23 @@ class GraphedStep:
             if not self.grads:
                 raise RuntimeError("the loss produced no gradient for any parameter")
             self.make_lr_tensors()
-            for key in keys:
+            torch.cuda.synchronize(device)
+            for index, key in enumerate(keys):
+                # The first graph (it opens a group) lets backward write the gradients, as the
+                # eager step does after zero_grad(set_to_none=True): no zeroing pass, and the
+                # tensors autograd makes in that graph's memory are the gradients from then on.
+                # The other graphs zero (if they open a group) and accumulate into them in place.
+                fresh = index == 0 and key[0]
+                if fresh:
+                    for param, _ in self.grads:
+                        param.grad = None
                 graph = torch.cuda.CUDAGraph()
-                with self.capturing(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    loss = self.body(key)
-                moved = [p for p, g in self.grads if p.grad is not g]
-                if moved:
-                    raise RuntimeError("autograd replaced a gradient tensor during capture")
+                with self.capturing():
+                    loss = self._capture(graph, lambda: self.body(key, zero=not fresh))
+                if fresh:
+                    self.grads = [(param, param.grad) for param, _ in self.grads]
+                if any(grad is None or param.grad is not grad for param, grad in self.grads):
+                    raise RuntimeError("autograd replaced or dropped a gradient tensor during capture")
                 self.graphs[key] = _Captured(graph, loss)
         except Exception as exc:  # anything: the eager step still trains correctly
             self.graphs.clear()
@@ -341,11 +351,29 @@ class GraphedStep:
                     len(self.graphs), trainer.spec.batch_size, trainer.spec.accumulate)
         return True
 
-    def body(self, key: GraphKey) -> torch.Tensor:
+    def _capture(self, graph: torch.cuda.CUDAGraph, body):
+        """``torch.cuda.graph`` without its gc.collect() and empty_cache(), which cost more than
+        the capture on a big Python heap; capture runs on a side stream as it requires."""
+        device = self.trainer.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                out = body()
+            except BaseException:
+                with contextlib.suppress(Exception):  # the body's error says more than the end's
+                    graph.capture_end()
+                raise
+            graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        return out
+
+    def body(self, key: GraphKey, zero: bool = True) -> torch.Tensor:
         """One full batch from the static buffers: what each graph records."""
         opens, closes, scale = key
         trainer = self.trainer
-        if opens and self.grads:
+        if opens and zero and self.grads:
             torch._foreach_zero_([g for _, g in self.grads])
         with self.autocast():
             predictions = steps.forward(trainer.model, self.static_x)

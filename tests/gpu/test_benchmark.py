@@ -1,7 +1,8 @@
-"""benchmarks/gpu.py runs end to end on CPU with tiny sizes and prints a usable report.
+"""benchmarks/gpu.py runs end to end on CPU with tiny sizes and reports as it goes.
 
-The real measurement needs a GPU (see the script's docstring); this keeps the
-script from rotting between GPU runs.
+The real measurement needs a GPU (benchmarks/gpu_check.sh); this keeps the
+script's structure and its incremental JSON output from rotting between GPU
+runs. Not marked gpu: it runs in CI.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py"
-LOOPS = ("train_flow", "plain_loop", "seed_loop")
 
 
 def load_script():
@@ -25,31 +27,74 @@ def load_script():
     return sys.modules["benchmark_gpu"]
 
 
-def check_report(report: dict) -> None:
-    assert report["device"] == "cpu" and report["bf16_peak_tflops"] is None
-    assert set(report["cases"]) == {"large", "small"}
-    for case in report["cases"].values():
-        # Same data, model and number of optimizer steps in all three loops.
-        steps = {case[loop]["steps"] for loop in LOOPS}
-        assert steps == {case["steps_per_epoch"] * report["epochs"]}
-        for loop in LOOPS:
-            assert case[loop]["seconds"] > 0 and case[loop]["samples_per_s"] > 0
-            assert math.isfinite(case[loop]["final_train_loss"])
-        assert case["flow_over_plain"] > 0 and case["seed_over_flow"] > 0
-        assert case["flow_share_of_bf16_peak"] is None  # no peak for a CPU
-    verdict = report["verdict"]
-    assert verdict["seed_over_flow_small"] == report["cases"]["small"]["seed_over_flow"]
+def check_case(case: dict, seed_rows: int) -> None:
+    flow, plain = case["train_flow"], case["plain_loop"]
+    # Same rows, epochs and optimizer steps in the Train flow and the hand-written loop.
+    assert flow["steps"] == plain["steps"] == case["steps_per_epoch"] * case["epochs"]
+    for result in (flow, plain):
+        assert result["seconds"] > 0 and result["samples_per_s"] > 0 and result["tflops"] > 0
+        assert math.isfinite(result["final_train_loss"])
+    assert flow["flow_seconds"] >= flow["seconds"]
+    assert case["flow_over_plain"] == flow["seconds"] / plain["seconds"]
+    assert case["flow_share_of_bf16_peak"] is None  # no peak for a CPU
+    if "seed_loop" in case:  # fewer rows, one epoch: compared per sample
+        seed = case["seed_loop"]
+        assert seed["rows"] == seed_rows and seed["epochs"] == 1
+        assert seed["samples_per_s"] == seed_rows / seed["seconds"]
+        assert case["seed_over_flow_per_sample"] == flow["samples_per_s"] / seed["samples_per_s"]
 
 
-def test_quick_benchmark_on_cpu_reports_all_three_loops(prefect_harness, capsys):
+def test_quick_benchmark_prints_one_json_line_per_case_then_a_summary(prefect_harness, capsys):
     report = load_script().main(["--quick", "--device", "cpu"])
-    printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads(json.dumps(report))
-    check_report(printed)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    assert [line.get("case") for line in lines[:-1]] == ["large", "small", "compute"]
+    for line in lines[:-1]:
+        assert line["device"] == "cpu"
+        check_case(line, seed_rows=300)
+    assert lines[0]["epochs"] == 1 and lines[2]["epochs"] == 1 and lines[2]["rows"] == 2_000
+    assert lines[1]["rows"] == 1_000  # the small case has its own size
+    lightning = lines[0]["lightning"]  # optional: measured where importable, else says why not
+    assert "seconds" in lightning or lightning == {"skipped": "lightning is not importable here"}
+
+    summary = lines[-1]["summary"]
+    assert summary["bf16_peak_tflops"] is None and summary["targets"]["flow_over_plain_small_max"] == 0.5
+    verdict = summary["verdict"]
+    assert verdict["flow_over_plain_small"] == lines[1]["flow_over_plain"]
+    assert verdict["share_of_bf16_peak_compute"] is None and verdict["met"]["share_of_bf16_peak_compute"] is None
+    assert verdict["met"]["flow_over_plain_large"] == (lines[0]["flow_over_plain"] <= 1.0)
+    assert report["verdict"] == verdict
+
+
+def test_a_run_cut_short_has_already_printed_the_cases_it_finished(prefect_harness, capsys, monkeypatch):
+    script = load_script()
+    real_plain_loop = script.run_plain_loop
+
+    def plain_loop_that_dies_on_the_small_case(X, y, case, args, epochs):
+        if case.name == "small":
+            raise KeyboardInterrupt  # as a time limit's kill would cut the run
+        return real_plain_loop(X, y, case, args, epochs)
+
+    monkeypatch.setattr(script, "run_plain_loop", plain_loop_that_dies_on_the_small_case)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["--quick", "--device", "cpu", "--cases", "large,small", "--loops", "train_flow,plain_loop"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["case"] for line in lines] == ["large"]
+    check_case(lines[0], seed_rows=300)
 
 
 def test_benchmark_options_set_the_sizes():
-    args = load_script().parse_args(["--rows", "500", "--epochs", "2", "--quick"])
-    assert (args.rows, args.epochs, args.device) == (500, 2, "cuda")
-    args = load_script().parse_args([])
-    assert (args.rows, args.epochs, args.precision) == (1_000_000, 3, "bf16")
+    script = load_script()
+    args = script.parse_args(["--rows", "500", "--epochs", "2", "--quick"])
+    assert (args.rows, args.epochs, args.device, args.small_rows, args.seed_rows) == (500, 2, "cuda", 1_000, 300)
+    args = script.parse_args([])
+    assert (args.rows, args.small_rows, args.seed_rows, args.epochs, args.precision, args.cuda_graphs) == (
+        1_000_000, 200_000, 50_000, 3, "bf16", "auto")
+    assert [case.name for case in script.CASES] == ["large", "small", "compute"]
+    compute = script.CASES[2]
+    assert (compute.hidden, compute.batch_size) == ((8192,) * 4, 8192)
+
+
+def test_flop_count_of_an_mlp_step():
+    # 64 -> 8 -> 1: the first layer needs no input gradient (4 FLOPs a weight), the last 6.
+    assert load_script().flops_per_sample(64, (8,)) == 4 * 64 * 8 + 6 * 8 * 1
