@@ -98,9 +98,9 @@ CASES = (
     Case("compute", (8192, 8192, 8192, 8192), 8192, "rows", "one", ("train_flow", "plain_loop")),
 )
 QUICK_CASES = (
-    Case("large", (64, 64, 64), 128, "rows", "epochs", ALL_LOOPS),
+    Case("large", (32, 32, 32), 64, "rows", "epochs", ALL_LOOPS),
     Case("small", (16, 16), 16, "small_rows", "epochs", ("train_flow", "plain_loop", "seed_loop")),
-    Case("compute", (128, 128, 128, 128), 256, "rows", "one", ("train_flow", "plain_loop")),
+    Case("compute", (64, 64, 64, 64), 128, "rows", "one", ("train_flow", "plain_loop")),
 )
 
 log = logging.getLogger("benchmarks.gpu")
@@ -400,19 +400,20 @@ def verdict(cases: dict) -> dict:
     return checks
 
 
-def emit(document: dict) -> None:
-    print(json.dumps(document), flush=True)
+def emit(document: dict, out=None) -> None:
+    """One JSON line, flushed at once: a run cut off later still leaves it behind."""
+    print(json.dumps(document), file=out or sys.stdout, flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu.")
     parser.add_argument("--rows", type=int, default=None,
-                        help="Rows of the large and compute cases (default 1,000,000; --quick 2,000).")
+                        help="Rows of the large and compute cases (default 1,000,000; --quick 1,000).")
     parser.add_argument("--small-rows", type=int, default=None,
-                        help="Rows of the small case (default 200,000; --quick 1,000).")
+                        help="Rows of the small case (default 200,000; --quick 400).")
     parser.add_argument("--seed-rows", type=int, default=None,
-                        help="Rows the seeds' loop trains on, one epoch (default 50,000; --quick 300).")
+                        help="Rows the seeds' loop trains on, one epoch (default 50,000; --quick 200).")
     parser.add_argument("--features", type=int, default=64, help="Feature columns (default 64).")
     parser.add_argument("--epochs", type=int, default=None, help="Epochs of the large and small cases "
                         "(default 3; --quick 1); the compute case runs one.")
@@ -428,14 +429,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in the Train flow.")
     parser.add_argument("--quick", action="store_true", help="Tiny sizes: a smoke test that runs anywhere.")
     args = parser.parse_args(argv)
-    args.rows = args.rows or (2_000 if args.quick else 1_000_000)
-    args.small_rows = args.small_rows or (1_000 if args.quick else 200_000)
-    args.seed_rows = args.seed_rows or (300 if args.quick else 50_000)
+    args.rows = args.rows or (1_000 if args.quick else 1_000_000)
+    args.small_rows = args.small_rows or (400 if args.quick else 200_000)
+    args.seed_rows = args.seed_rows or (200 if args.quick else 50_000)
     args.epochs = args.epochs or (1 if args.quick else 3)
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, out=None) -> dict:
+    """Run the benchmark; the JSON lines go to ``out`` (default stdout)."""
     args = parse_args(argv)
     if not log.handlers:  # progress on stderr; stdout carries only the JSON lines
         handler = logging.StreamHandler(sys.stderr)
@@ -489,10 +491,10 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{results[loop]['seconds']:.3f} s" if "seconds" in results[loop] else results[loop])
             summary = summarise_case(case, len(X), epochs, X.shape[1], results, args, peak)
             report["cases"][case.name] = summary
-            emit({**summary, "device": device_name})
+            emit({**summary, "device": device_name}, out)
     report["verdict"] = verdict(report["cases"])
     report["seconds"] = time.perf_counter() - started
-    emit({"summary": {**run_info, "targets": TARGETS, "verdict": report["verdict"], "seconds": report["seconds"]}})
+    emit({"summary": {**run_info, "targets": TARGETS, "verdict": report["verdict"], "seconds": report["seconds"]}}, out)
     return report
 
 

@@ -8,6 +8,7 @@ runs. Not marked gpu: it runs in CI.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import sys
@@ -27,6 +28,22 @@ def load_script():
     return sys.modules["benchmark_gpu"]
 
 
+class Stdout(io.StringIO):
+    """Stands in for stdout (capsys would leave Prefect's log handler on a closed stream);
+    keeps what had been written at each flush."""
+
+    def __init__(self):
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        super().flush()
+        self.flushed.append(self.getvalue())
+
+    def lines(self, text: str | None = None) -> list[dict]:
+        return [json.loads(line) for line in (self.getvalue() if text is None else text).splitlines()]
+
+
 def check_case(case: dict, seed_rows: int) -> None:
     flow, plain = case["train_flow"], case["plain_loop"]
     # Same rows, epochs and optimizer steps in the Train flow and the hand-written loop.
@@ -44,16 +61,18 @@ def check_case(case: dict, seed_rows: int) -> None:
         assert case["seed_over_flow_per_sample"] == flow["samples_per_s"] / seed["samples_per_s"]
 
 
-def test_quick_benchmark_prints_one_json_line_per_case_then_a_summary(prefect_harness, capsys):
-    report = load_script().main(["--quick", "--device", "cpu"])
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+def test_quick_benchmark_prints_one_json_line_per_case_then_a_summary(prefect_harness):
+    out = Stdout()
+    report = load_script().main(["--quick", "--device", "cpu"], out=out)
+    lines = out.lines()
+    assert len(out.flushed) == len(lines)  # each line flushed as it was written
 
     assert [line.get("case") for line in lines[:-1]] == ["large", "small", "compute"]
     for line in lines[:-1]:
         assert line["device"] == "cpu"
-        check_case(line, seed_rows=300)
-    assert lines[0]["epochs"] == 1 and lines[2]["epochs"] == 1 and lines[2]["rows"] == 2_000
-    assert lines[1]["rows"] == 1_000  # the small case has its own size
+        check_case(line, seed_rows=200)
+    assert lines[0]["epochs"] == 1 and lines[2]["epochs"] == 1 and lines[2]["rows"] == 1_000
+    assert lines[1]["rows"] == 400  # the small case has its own size
     lightning = lines[0]["lightning"]  # optional: measured where importable, else says why not
     assert "seconds" in lightning or lightning == {"skipped": "lightning is not importable here"}
 
@@ -66,7 +85,7 @@ def test_quick_benchmark_prints_one_json_line_per_case_then_a_summary(prefect_ha
     assert report["verdict"] == verdict
 
 
-def test_a_run_cut_short_has_already_printed_the_cases_it_finished(prefect_harness, capsys, monkeypatch):
+def test_a_run_cut_short_has_already_printed_the_cases_it_finished(monkeypatch):
     script = load_script()
     real_plain_loop = script.run_plain_loop
 
@@ -76,17 +95,19 @@ def test_a_run_cut_short_has_already_printed_the_cases_it_finished(prefect_harne
         return real_plain_loop(X, y, case, args, epochs)
 
     monkeypatch.setattr(script, "run_plain_loop", plain_loop_that_dies_on_the_small_case)
+    out = Stdout()
     with pytest.raises(KeyboardInterrupt):
-        script.main(["--quick", "--device", "cpu", "--cases", "large,small", "--loops", "train_flow,plain_loop"])
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        script.main(["--quick", "--device", "cpu", "--cases", "large,small", "--loops", "plain_loop"],
+                    out=out)
+    lines = out.lines(out.flushed[-1])  # what had reached stdout when the run was cut
     assert [line["case"] for line in lines] == ["large"]
-    check_case(lines[0], seed_rows=300)
+    assert lines[0]["plain_loop"]["steps"] == lines[0]["steps_per_epoch"] and lines[0]["flow_over_plain"] is None
 
 
 def test_benchmark_options_set_the_sizes():
     script = load_script()
     args = script.parse_args(["--rows", "500", "--epochs", "2", "--quick"])
-    assert (args.rows, args.epochs, args.device, args.small_rows, args.seed_rows) == (500, 2, "cuda", 1_000, 300)
+    assert (args.rows, args.epochs, args.device, args.small_rows, args.seed_rows) == (500, 2, "cuda", 400, 200)
     args = script.parse_args([])
     assert (args.rows, args.small_rows, args.seed_rows, args.epochs, args.precision, args.cuda_graphs) == (
         1_000_000, 200_000, 50_000, 3, "bf16", "auto")
