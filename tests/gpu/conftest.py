@@ -16,9 +16,10 @@ import torch
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-@pytest.fixture(autouse=True)
-def _skip_gpu_tests_without_cuda(request):
-    if request.node.get_closest_marker("gpu") and not torch.cuda.is_available():
+def pytest_runtest_setup(item):
+    # A hook, not an autouse fixture: it runs before any fixture, so a skipped GPU test
+    # does not first start the session's Prefect server (prefect_harness).
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
 
 
