@@ -1,6 +1,6 @@
 """Choosing between the CUDA-graphed step and the eager one, checked on CPU.
 
-Capture itself needs a GPU (tests/gpu/test_cudagraph.py). Here: which reason is
+Capture itself needs a GPU (tests/gpu/test_cudagraph_on_gpu.py). Here: which reason is
 given for which situation, the fallback's single log line, what ``cuda_graphs='on'``
 does when capture is impossible, and that the CPU step is exactly the loop's own
 ``train_batch`` (same weights, bitwise). ``blocker(trainer, device=CUDA)`` asks the

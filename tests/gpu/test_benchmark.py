@@ -77,6 +77,7 @@ def test_quick_benchmark_prints_one_json_line_per_case_then_a_summary(prefect_ha
     assert "seconds" in lightning or lightning == {"skipped": "lightning is not importable here"}
 
     summary = lines[-1]["summary"]
+    assert summary["prefect_start_seconds"] > 0  # outside every case's timing
     assert summary["bf16_peak_tflops"] is None and summary["targets"]["flow_over_plain_small_max"] == 0.5
     verdict = summary["verdict"]
     assert verdict["flow_over_plain_small"] == lines[1]["flow_over_plain"]
