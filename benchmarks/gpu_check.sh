@@ -15,6 +15,8 @@
 #   2. run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 #   The tests take about 2-3 minutes and the benchmark under 3 on an H200; each step has its
 #   own time limit below so that both report within the 10-minute limit of one command.
+# GPU_CHECK_PARTS="tests" or "bench" runs one half only (default: "tests bench"), for a rerun
+# on what is left of the session's device time.
 # Without $OUT (e.g. trying it on a CPU machine, where the gpu tests skip and the benchmark
 # runs --quick --device cpu) the files go to a new /tmp/gpu-check-out.* folder, named at the end.
 set -uo pipefail
@@ -65,17 +67,24 @@ else
     bench_args=(--quick --device cpu)  # no GPU: check the script's structure only
 fi
 
-echo "== pytest tests/gpu -m gpu"
-timeout 330 "$py" -m pytest tests/gpu -m gpu -q -rA -p no:cacheprovider --junitxml="$out/gpu-tests.xml" \
-    > "$out/gpu-tests.log" 2>&1
-tests_rc=$?
-tail -n 40 "$out/gpu-tests.log"
+parts=${GPU_CHECK_PARTS:-tests bench}
+tests_rc=skipped
+bench_rc=skipped
+if [[ " $parts " == *" tests "* ]]; then
+    echo "== pytest tests/gpu -m gpu"
+    timeout 330 "$py" -m pytest tests/gpu -m gpu -q -rA -p no:cacheprovider --junitxml="$out/gpu-tests.xml" \
+        > "$out/gpu-tests.log" 2>&1
+    tests_rc=$?
+    tail -n 40 "$out/gpu-tests.log"
+fi
 
-echo "== python benchmarks/gpu.py ${bench_args[*]:-}"
-timeout 230 "$py" benchmarks/gpu.py "${bench_args[@]}" > "$out/bench.jsonl" 2> "$out/bench.err"
-bench_rc=$?
-tail -n 5 "$out/bench.err"
-cat "$out/bench.jsonl"
+if [[ " $parts " == *" bench "* ]]; then
+    echo "== python benchmarks/gpu.py ${bench_args[*]:-}"
+    timeout 230 "$py" benchmarks/gpu.py ${bench_args[@]+"${bench_args[@]}"} > "$out/bench.jsonl" 2> "$out/bench.err"
+    bench_rc=$?
+    tail -n 5 "$out/bench.err"
+    cat "$out/bench.jsonl"
+fi
 
 echo "== exit codes: tests $tests_rc, benchmark $bench_rc (124: cut off by its time limit); files in $out"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+[[ $tests_rc == 0 || $tests_rc == skipped ]] && [[ $bench_rc == 0 || $bench_rc == skipped ]]
