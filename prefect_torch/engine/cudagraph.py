@@ -41,8 +41,9 @@ the weights and optimizer state are put back and the eager step carries on.
 Reproducibility: the graphs replay the same kernels in the same order each run,
 so a seeded run is bitwise the same run to run on the same GPU. Against the
 eager step it agrees within rounding: a scheduled lr reaches the fused kernel
-as a float32 tensor rather than a double, and the graphs zero the gradients and
-accumulate into them instead of setting them to None.
+as a float32 tensor rather than a double, and with accumulation the second kind
+of group-opening batch (and the ragged one) zeroes the gradients and adds into
+them where the eager step sets them to None first.
 
 Do not replace the optimizer's state or the model's parameters after the first
 epoch starts (``optimizer.load_state_dict`` allocates new state tensors): the
