@@ -254,7 +254,9 @@ class DistributedTrainer(Trainer):
         super().__init__(model, optimizer, splits, spec, callbacks)
         from torch.nn.parallel import DistributedDataParallel
 
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        device_ids = None
+        if self.device.type == "cuda":
+            device_ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
         self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         # Validation runs on rank 0 alone, so it must not go through DDP (whose forward may
         # broadcast buffers, a collective the other ranks would never join).
