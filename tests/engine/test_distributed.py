@@ -212,6 +212,9 @@ def test_a_killed_worker_fails_the_run_and_the_rerun_resumes_to_the_same_weights
     for (name, a), b in zip(uninterrupted.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
     assert [h["val_loss"] for h in result.history] == [h["val_loss"] for h in expected.history]
+    # rank 0's checkpoint held every rank's partial loss sum of the interrupted epoch
+    assert [h["train_loss"] for h in result.history] == pytest.approx(
+        [h["train_loss"] for h in expected.history], rel=1e-9)
 
 
 # -- errors --------------------------------------------------------------------------
