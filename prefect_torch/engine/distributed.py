@@ -9,7 +9,7 @@ The card's process (the *parent*) never trains::
 
     parent (Train card)                     workers (rank 0 .. N-1)
     ─────────────────────                   ─────────────────────────────────
-    share_splits() → splits.safetensors ─►  open_shared_splits() (memory-mapped)
+    share_splits() → splits.safetensors ─►  open_shared_splits() (safetensors)
     job.json, model.safetensors         ─►  same model, optimizer, spec
     elastic_launch(...)                     DistributedTrainer.fit()
     replays events.jsonl to callbacks   ◄─  rank 0: events, checkpoints
@@ -25,9 +25,8 @@ included: 2 processes with batch b train like 1 process with batch 2b.
 
 Rank 0 alone has side effects (checkpoints, events that become logs and
 artifacts in the parent); they are marked ``@rank_zero_only`` where defined.
-All ranks validate nothing but rank 0, which broadcasts the validation loss and
-metric, and early stopping is decided by rank 0 and broadcast, so every rank
-stops at the same epoch.
+Rank 0 alone validates and broadcasts the validation loss and metric; early
+stopping is decided by rank 0 and broadcast, so every rank stops at the same epoch.
 """
 
 from __future__ import annotations
@@ -171,6 +170,12 @@ def check_parallel(spec: TrainSpec) -> torch.device:
             "or global_batch='grow'."
         )
     return device
+
+
+def lineage_spec(spec: TrainSpec) -> TrainSpec:
+    """``spec`` as it counts for a run's lineage (its checkpoints): where the processes
+    meet and how often the launcher restarts them do not change the numbers."""
+    return spec.model_copy(update={"rendezvous": None, "max_restarts": 0})
 
 
 def global_batch_size(spec: TrainSpec) -> int:
@@ -717,6 +722,7 @@ __all__ = [
     "check_parallel",
     "global_batch_size",
     "is_parallel",
+    "lineage_spec",
     "open_shared_splits",
     "rank_zero_only",
     "shard_plans",

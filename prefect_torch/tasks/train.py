@@ -14,7 +14,7 @@ from prefect_torch.engine.split import Splits
 from prefect_torch.engine.records import Recordable
 from prefect_torch.reporting import TrainingReport
 from prefect_torch.engine.checkpoint import CheckpointCallback, checkpoint_key, resume_trainer
-from prefect_torch.engine.distributed import ParallelTrainer, is_parallel
+from prefect_torch.engine.distributed import ParallelTrainer, is_parallel, lineage_spec
 from prefect_torch.engine.fileio import join
 from prefect_torch.tasks._common import coarse_card, default_checkpoints_root
 from prefect_torch.tasks.lineage import Lineage
@@ -90,7 +90,7 @@ def train(
     module = model.model
     report = TrainingReport(model.spec, optimizer, logger=logger)
     # Checkpoints are filed by the run's lineage, so a re-run after a crash finds them.
-    checkpoints = join(default_checkpoints_root(), checkpoint_key(model.key, optimizer, training))
+    checkpoints = join(default_checkpoints_root(), checkpoint_key(model.key, optimizer, lineage_spec(training)))
     if is_parallel(training):
         # Worker processes train (DDP); rank 0 checkpoints, its events reach these callbacks here.
         trainer = ParallelTrainer(module, model.spec, model.in_features, model.out_features, optimizer, splits,
