@@ -9,10 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from prefect_torch.engine.batching import plan_epoch
 from prefect_torch.engine.checkpoint import read_checkpoint
@@ -66,7 +70,7 @@ def _single(problem):
 def _parallel(problem, checkpoints, callbacks=(), **overrides):
     splits = _splits(problem)
     model = _fresh_model(splits)
-    spec = TrainSpec(epochs=PROBLEMS[problem][2], processes=2, **{**TRAINING, **overrides})
+    spec = TrainSpec(epochs=PROBLEMS[problem][2], **{**TRAINING, "processes": 2, **overrides})
     trainer = ParallelTrainer(model, MODEL, splits.info.n_features, splits.info.n_outputs, OPTIMIZER, splits,
                               spec, str(checkpoints), list(callbacks))
     return model, trainer, trainer.fit
@@ -215,6 +219,31 @@ def test_a_killed_worker_fails_the_run_and_the_rerun_resumes_to_the_same_weights
     # rank 0's checkpoint held every rank's partial loss sum of the interrupted epoch
     assert [h["train_loss"] for h in result.history] == pytest.approx(
         [h["train_loss"] for h in expected.history], rel=1e-9)
+
+
+# -- two nodes ----------------------------------------------------------------------
+
+
+def test_two_nodes_meet_at_the_rendezvous_and_train_like_two_processes_on_one(tmp_path, parallel_runs):
+    """Two launchers (as on two machines) of one process each, meeting at a rendezvous endpoint."""
+    with socket.socket() as probe:  # a free port for the c10d rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.engine.parallel_node", f"127.0.0.1:{port}", str(tmp_path / "ckpt"),
+             str(tmp_path / f"node{node}.safetensors")],
+            cwd=Path(__file__).parents[2], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for node in range(2)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    one_node = parallel_runs["binary"][0].state_dict()
+    for node in range(2):  # every node's card gets the trained weights
+        weights = load_file(str(tmp_path / f"node{node}.safetensors"))
+        for name, value in one_node.items():
+            torch.testing.assert_close(weights[name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
 # -- errors --------------------------------------------------------------------------
