@@ -57,6 +57,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--clip", type=float, default=None, help="clip the gradient norm to this value")
     group.add_argument("--val-fraction", type=float, default=0.15)
     group.add_argument("--test-fraction", type=float, default=0.15)
+    group.add_argument("--processes", type=int, default=1,
+                       help="train data-parallel on N processes (DDP; one GPU each on CUDA)")
     group.add_argument("--stepwise", action="store_true", help="run every step as its own card (slower, inspectable)")
     parser.add_argument("--output", default=None, help="folder to save the model to")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
@@ -91,13 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--type", dest="pool_type", choices=["process", "kubernetes"], default="process")
     create.add_argument("--gpu-limit", type=int, default=1, help="task runs tagged gpu at once (new limit only)")
+    create.add_argument("--gpus-per-pod", type=int, default=1,
+                        help="kubernetes: GPUs each cuda-pool pod requests, with /dev/shm sized for NCCL (new pool only)")
     return parser
 
 
 def _pools(args: argparse.Namespace) -> int:
     from prefect_torch.deployments import ensure_work_pools
 
-    done = ensure_work_pools(pool_type=args.pool_type, gpu_limit=args.gpu_limit)
+    done = ensure_work_pools(pool_type=args.pool_type, gpu_limit=args.gpu_limit, gpus_per_pod=args.gpus_per_pod)
     print("\n".join([f"created {item}" for item in done["created"]]
                     + [f"exists  {item} (left unchanged)" for item in done["existing"]]), flush=True)
     return 0
@@ -117,7 +121,8 @@ def _flow_parameters(args: argparse.Namespace, uri: str, target: str) -> dict[st
         "training": {"epochs": args.epochs, "batch_size": args.batch_size, "accumulate": args.accumulate,
                      "clip": args.clip, "loss": args.loss, "scheduler": {"name": args.scheduler},
                      "early_stopping_patience": args.patience, "seed": args.seed, "device": args.device,
-                     "precision": args.precision, "compile": args.compile},
+                     "precision": args.precision, "compile": args.compile,
+                     "processes": getattr(args, "processes", 1)},
         "output": args.output,
     }
 

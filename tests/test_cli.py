@@ -62,6 +62,7 @@ def test_demo_trains_on_the_bundled_dataset(home):
         (["train", "{data}", "--target", "y", "--optimizer", "adamx"], "OptimizerSpec: name: Input should be"),
         (["train", "{data}", "--target", "y", "--loss", "cross_entropy"], "cannot train a regression"),
         (["train", "{data}", "--target", "y", "--epochs", "0"], "epochs"),
+        (["train", "{data}", "--target", "y", "--processes", "0"], "processes"),
     ],
 )
 def test_bad_input_exits_2_with_one_clear_line(tmp_path, home, args, message):

@@ -36,6 +36,7 @@ from prefect_torch.deployments.pools import (
     cuda_pools,
     ensure_work_pools,
     kubernetes_cuda_template,
+    kubernetes_multi_gpu_template,
     training_device,
 )
 from prefect_torch.deployments.runs import check_deployment_available, run_and_wait
@@ -50,6 +51,7 @@ __all__ = [
     "WorkPoolsOutput",
     "ensure_work_pools",
     "kubernetes_cuda_template",
+    "kubernetes_multi_gpu_template",
     "base_job_template",
     "DeviceChoice",
     "training_device",

@@ -58,12 +58,15 @@ def ensure_work_pools(
     gpu_limit: int = DEFAULT_GPU_LIMIT,
     cpu_pool: str = CPU_POOL,
     cuda_pool: str = CUDA_POOL,
+    gpus_per_pod: int = 1,
 ) -> WorkPoolsOutput:
     """Create the ``cpu`` and ``cuda`` work pools and the ``gpu`` tag concurrency
     limit on the Prefect server in ``PREFECT_API_URL``, where missing.
 
     Existing pools and limits are left as they are (their settings may have been
     tuned in the UI); the output says which were created and which existed.
+    With ``pool_type="kubernetes"`` and ``gpus_per_pod`` > 1 the ``cuda`` pool's pods
+    get that many GPUs and a ``/dev/shm`` sized for NCCL (data-parallel training).
     """
     from prefect.settings import get_current_settings
 
@@ -80,7 +83,7 @@ def ensure_work_pools(
     import httpx
 
     try:
-        return _ensure(pool_type, gpu_limit, cpu_pool, cuda_pool)
+        return _ensure(pool_type, gpu_limit, cpu_pool, cuda_pool, gpus_per_pod)
     except httpx.TransportError as exc:
         raise ConfigError(
             f"Cannot reach the Prefect server at {get_current_settings().api.url} "
@@ -88,7 +91,7 @@ def ensure_work_pools(
         ) from exc
 
 
-def _ensure(pool_type: PoolType, gpu_limit: int, cpu_pool: str, cuda_pool: str) -> WorkPoolsOutput:
+def _ensure(pool_type: PoolType, gpu_limit: int, cpu_pool: str, cuda_pool: str, gpus_per_pod: int = 1) -> WorkPoolsOutput:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -98,7 +101,7 @@ def _ensure(pool_type: PoolType, gpu_limit: int, cpu_pool: str, cuda_pool: str) 
     with get_client(sync_client=True) as client:
         for name, template, description in (
             (cpu_pool, base_job_template(pool_type, gpus=False), "prefect-torch: training and pipelines on CPU."),
-            (cuda_pool, base_job_template(pool_type, gpus=True), "prefect-torch: GPU training (runs need CUDA)."),
+            (cuda_pool, base_job_template(pool_type, gpus=True, gpus_per_pod=gpus_per_pod), "prefect-torch: GPU training (runs need CUDA)."),
         ):
             try:
                 client.create_work_pool(
@@ -145,13 +148,42 @@ def kubernetes_cuda_template() -> dict[str, Any]:
     return json.loads(text)
 
 
-def base_job_template(pool_type: PoolType, gpus: bool) -> dict[str, Any]:
+def kubernetes_multi_gpu_template(gpus: int = 2, shm_size: str = "16Gi") -> dict[str, Any]:
+    """The ``cuda`` pool's Kubernetes template for one pod with several GPUs.
+
+    For data-parallel training on one node (``TrainSpec.processes`` up to ``gpus``):
+    the pod requests ``gpu_count`` GPUs (default ``gpus``) and mounts a memory-backed
+    ``/dev/shm`` of ``shm_size``, since NCCL and the workers share memory through it
+    and a container's default 64 MiB makes NCCL fail or crawl.
+    """
+    if not isinstance(gpus, int) or gpus < 1:
+        raise ConfigError(f"gpus must be a positive integer (GPUs per pod); got {gpus!r}.")
+    template = copy.deepcopy(kubernetes_cuda_template())
+    pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    pod["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "{{ shm_size }}"}}]
+    pod["containers"][0]["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    properties = template["variables"]["properties"]
+    properties["gpu_count"]["default"] = gpus
+    properties["gpu_count"]["description"] = (
+        "Number of NVIDIA GPUs (nvidia.com/gpu) each flow run's pod requests; set the Train card's "
+        "processes to at most this."
+    )
+    properties["shm_size"] = {
+        "title": "Shared Memory",
+        "description": "Size of the pod's memory-backed /dev/shm, which NCCL and the training processes use.",
+        "type": "string",
+        "default": shm_size,
+    }
+    return template
+
+
+def base_job_template(pool_type: PoolType, gpus: bool, gpus_per_pod: int = 1) -> dict[str, Any]:
     """The base job template for a ``cpu`` (``gpus=False``) or ``cuda`` pool."""
     if pool_type == "process":
         from prefect.workers.process import ProcessWorker
 
         return ProcessWorker.get_default_base_job_template()
-    template = kubernetes_cuda_template()
+    template = kubernetes_multi_gpu_template(gpus_per_pod) if gpus and gpus_per_pod > 1 else kubernetes_cuda_template()
     if not gpus:  # the same job, minus the GPU request and toleration
         template = copy.deepcopy(template)
         pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
@@ -232,6 +264,7 @@ __all__ = [
     "WorkPoolsOutput",
     "ensure_work_pools",
     "kubernetes_cuda_template",
+    "kubernetes_multi_gpu_template",
     "base_job_template",
     "DeviceChoice",
     "cuda_pools",

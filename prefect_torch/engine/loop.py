@@ -81,6 +81,34 @@ class TrainSpec(Spec):
     progress_every: int | None = Field(
         default=None, ge=1, description="Report progress every N optimizer steps (besides every epoch)."
     )
+    # Data parallelism (engine/distributed.py); with processes=1 and nodes=1 none of it runs.
+    processes: int = Field(
+        default=1, ge=1, le=1024,
+        description="Training processes per node; more than 1 trains data-parallel (DDP) through "
+        "torch.distributed's elastic launcher: gloo on CPU, NCCL on CUDA with one GPU per process.",
+    )
+    nodes: int = Field(
+        default=1, ge=1, le=4096,
+        description="Machines taking part; more than 1 needs rendezvous (each node runs the same card).",
+    )
+    rendezvous: str | None = Field(
+        default=None,
+        description="host:port of the c10d rendezvous every node reaches (e.g. the first node's); "
+        "needed when nodes > 1, on one node a free local port is used when empty.",
+    )
+    global_batch: Literal["grow", "fixed"] = Field(
+        default="grow",
+        description="grow: every process takes batch_size rows, so one step sees batch_size x processes x "
+        "nodes rows; fixed: batch_size is the rows of one step, split across the processes.",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        default="auto", description="How processes share gradients: auto (NCCL on CUDA, gloo on CPU), gloo or nccl."
+    )
+    max_restarts: int = Field(
+        default=0, ge=0, le=100,
+        description="Times the launcher restarts all workers after one fails (they resume from the last "
+        "checkpoint); 0 fails the card instead.",
+    )
 
 
 @dataclass
@@ -191,7 +219,7 @@ class Trainer:
             )
         self.loss_name = resolve_loss(spec.loss, self.info.problem)
         self.loss_fn = steps.make_loss(self.loss_name)
-        self.plans = plan_epoch(len(self.train_data), spec.batch_size, spec.accumulate)
+        self.plans = self.make_plans()
         self.steps_per_epoch = sum(plan.closes_group for plan in self.plans)
         self.scheduler = build_scheduler(spec.scheduler, optimizer, spec.epochs, self.steps_per_epoch)
         self.callbacks = list(callbacks)
@@ -209,6 +237,10 @@ class Trainer:
         # How the fast loop trains a batch (CUDA graphs or eager), chosen at the first epoch
         # it runs: after a resume has loaded the optimizer state the graphs will point at.
         self.step_fn: StepFn | None = None
+
+    def make_plans(self) -> list[BatchPlan]:
+        """This process's batches of an epoch (a data-parallel worker takes its shard of each)."""
+        return plan_epoch(len(self.train_data), self.spec.batch_size, self.spec.accumulate)
 
     # -- the loop -------------------------------------------------------------
 

@@ -359,6 +359,12 @@ def _flow_run_name() -> str:
 
 
 def _check_supported(training: TrainSpec) -> None:
+    if training.processes > 1 or training.nodes > 1:
+        raise ConfigError(
+            f"The step-wise flow runs every batch as its own card in one process, so it cannot train on "
+            f"processes={training.processes} x nodes={training.nodes}. Set processes=1 and nodes=1, or use "
+            "train_flow, whose Train card launches the data-parallel processes."
+        )
     if training.compile:
         raise ConfigError("The step-wise flow runs the model eagerly; set compile=False or use train_flow.")
     if training.precision != "fp32":

@@ -14,6 +14,7 @@ from prefect_torch.engine.split import Splits
 from prefect_torch.engine.records import Recordable
 from prefect_torch.reporting import TrainingReport
 from prefect_torch.engine.checkpoint import CheckpointCallback, checkpoint_key, resume_trainer
+from prefect_torch.engine.distributed import ParallelTrainer, is_parallel, lineage_spec
 from prefect_torch.engine.fileio import join
 from prefect_torch.tasks._common import coarse_card, default_checkpoints_root
 from prefect_torch.tasks.lineage import Lineage
@@ -82,20 +83,26 @@ def train(
     """Train (CPU / GPU): epochs of shuffled batches with accumulation, clipping,
     LR schedule, validation and early stopping, in one task.
 
-    Runs on CUDA when ``training.device`` is 'cuda' (or 'auto' with a GPU).
+    Runs on CUDA when ``training.device`` is 'cuda' (or 'auto' with a GPU); with
+    ``training.processes`` > 1 (or ``nodes`` > 1) data-parallel on that many processes.
     """
     logger = get_run_logger()
     module = model.model
-    optim = build_optimizer(optimizer, module.to(_device(training)))
     report = TrainingReport(model.spec, optimizer, logger=logger)
     # Checkpoints are filed by the run's lineage, so a re-run after a crash finds them.
-    checkpoints = join(default_checkpoints_root(), checkpoint_key(model.key, optimizer, training))
-    trainer = Trainer(module, optim, splits, training,
-                      [LogEpochs(logger), report, CheckpointCallback(checkpoints), *(callbacks or [])])
-    resumed = resume_trainer(checkpoints, trainer)
-    if resumed is not None:
-        logger.info("resuming from the checkpoint after %d steps (epoch %d, batch %d) in %s",
-                    resumed.step, resumed.epoch + 1, resumed.batch, checkpoints)
+    checkpoints = join(default_checkpoints_root(), checkpoint_key(model.key, optimizer, lineage_spec(training)))
+    if is_parallel(training):
+        # Worker processes train (DDP); rank 0 checkpoints, its events reach these callbacks here.
+        trainer = ParallelTrainer(module, model.spec, model.in_features, model.out_features, optimizer, splits,
+                                  training, checkpoints, [LogEpochs(logger), report, *(callbacks or [])], log=logger)
+    else:
+        optim = build_optimizer(optimizer, module.to(_device(training)))
+        trainer = Trainer(module, optim, splits, training,
+                          [LogEpochs(logger), report, CheckpointCallback(checkpoints), *(callbacks or [])])
+        resumed = resume_trainer(checkpoints, trainer)
+        if resumed is not None:
+            logger.info("resuming from the checkpoint after %d steps (epoch %d, batch %d) in %s",
+                        resumed.step, resumed.epoch + 1, resumed.batch, checkpoints)
     logger.info(
         "training %s with %s on %s: %d rows, %d epochs, %d steps/epoch",
         model.spec.short_name(), optimizer.short_name(), trainer.device,

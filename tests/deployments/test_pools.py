@@ -102,6 +102,22 @@ def test_the_cpu_variant_asks_for_no_gpu() -> None:
     assert base_job_template("process", gpus=True) == ProcessWorker.get_default_base_job_template()
 
 
+def test_the_multi_gpu_variant_requests_several_gpus_and_a_shared_memory_volume_for_nccl() -> None:
+    template = base_job_template("kubernetes", gpus=True, gpus_per_pod=4)
+    validate_base_job_template(template)
+    jsonschema.Draft202012Validator.check_schema(template["variables"])
+    pod = render(template)["job_manifest"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 4}
+    assert container["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}]
+    bigger = render(template, {"gpu_count": 8, "shm_size": "64Gi"})["job_manifest"]["spec"]["template"]["spec"]
+    assert bigger["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 8}
+    assert bigger["volumes"][0]["emptyDir"]["sizeLimit"] == "64Gi"
+    # the one-GPU template stays as it was
+    assert "volumes" not in render(kubernetes_cuda_template())["job_manifest"]["spec"]["template"]["spec"]
+
+
 @pytest.mark.server
 @pytest.mark.s3
 @pytest.mark.slow
