@@ -123,7 +123,9 @@ def line_chart_svg(
     parts.append(
         f'<text x="{left + plot_w / 2}" y="{height - 10}" text-anchor="middle" fill="#111827">{escape(x_label)}</text>'
     )
-    y_title = escape(y_label + (" (log scale)" if scale.log else ""))
+    if scale.log:
+        y_label = y_label[:-1] + ", log scale)" if y_label.endswith(")") else y_label + " (log scale)"
+    y_title = escape(y_label)
     parts.append(
         f'<text transform="translate(16 {top + plot_h / 2}) rotate(-90)" text-anchor="middle" fill="#111827">{y_title}</text>'
     )
@@ -254,8 +256,8 @@ class _YScale:
     def fit(cls, values: Sequence[float]) -> "_YScale":
         lo, hi = min(values), max(values)
         if prefers_log_axis(values):
-            low, high = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-            return cls(low, high if high > low else low + 1, True)
+            # Bounds at 1, 2 or 5 times a power of ten: the curves fill the chart.
+            return cls(math.log10(_log_bound(lo, down=True)), math.log10(_log_bound(hi, down=False)), True)
         if hi == lo:
             pad = abs(hi) * 0.1 or 1.0
             lo, hi = lo - pad, hi + pad
@@ -272,13 +274,23 @@ class _YScale:
 
     def ticks(self) -> list[float]:
         if self.log:
-            decades = range(int(self.low), int(self.high) + 1)
+            decades = range(math.floor(self.low), math.ceil(self.high) + 1)
             # Few decades: 2x and 5x ticks too, so the curve sits between labelled lines.
             factors = (1, 2, 5) if len(decades) <= 3 else (1,)
-            return [f * 10.0 ** e for e in decades for f in factors if f == 1 or e < int(self.high)]
+            ticks = [f * 10.0 ** e for e in decades for f in factors]
+            return [t for t in ticks if self.low - 1e-9 <= math.log10(t) <= self.high + 1e-9]
         step = _nice_step((self.high - self.low) / 5)
         count = int(round((self.high - self.low) / step))
         return [self.low + i * step for i in range(count + 1)]
+
+
+def _log_bound(value: float, down: bool) -> float:
+    """The nearest 1, 2 or 5 times a power of ten below (``down``) or above ``value``."""
+    power = 10.0 ** math.floor(math.log10(value))
+    candidates = [f * power for f in (0.5, 1, 2, 5, 10)]
+    if down:
+        return max(c for c in candidates if c <= value * (1 + 1e-9))
+    return min(c for c in candidates if c >= value * (1 - 1e-9))
 
 
 def _nice_step(raw: float) -> float:
