@@ -493,9 +493,9 @@ def stepwise_train_flow(
     loop = StepwiseLoop(trainer, splits, handle, opt, user_steps, cursor)
     loop.step_losses_key = artifact_key(report.scope, "train-step-losses")
     started = time.perf_counter()
-    with report.running(trainer):
+    with report.running(trainer):  # finish inside, as Trainer.fit does: the report reads the stop reason
         loop.run()
-    result = trainer.finish(time.perf_counter() - started)
+        result = trainer.finish(time.perf_counter() - started)
     logger.info("stopped: %s", result.stop_reason)
     scale_note = loss_scale_note(splits.info.problem, splits.info.target_std)
     if loop.step_losses:

@@ -315,7 +315,9 @@ def test_the_stepwise_graph_shows_one_node_per_epoch(page, prefect_server, train
     base, run_id, epochs = prefect_server["base"], trained["stepwise_flow_run_id"], trained["stepwise_epochs"]
     nodes = flow_run_graph(base, run_id)
     labels = [node["label"] for node in nodes]
-    assert [n["label"] for n in nodes if n["kind"] == "flow-run"] == [f"epoch {e}/{epochs}" for e in range(1, epochs + 1)]
+    assert [n["label"] for n in nodes if n["kind"] == "flow-run"] == [
+        f"train-stepwise-epoch / epoch {e}/{epochs}" for e in range(1, epochs + 1)
+    ]
     # The top level reads at a glance: the setup and closing cards and the epochs, no batch.
     assert not [label for label in labels if "-b" in label], labels
     assert len(nodes) <= 12, labels
@@ -329,7 +331,7 @@ def test_the_stepwise_graph_shows_one_node_per_epoch(page, prefect_server, train
     page.wait_for_timeout(2000)  # the graph canvas draws after the data arrives
     page.screenshot(path=screenshots / "12-stepwise-run-graph.png", full_page=True)
     page.goto(f"{base}/v2/runs/flow-run/{epoch_ids[0]}?tab=TaskRuns")
-    expect(page.get_by_role("link", name="training_loss[e1-b0]", exact=True)).to_be_visible()
+    expect(page.get_by_role("link", name="training_loss[e1-b6]", exact=True)).to_be_visible()  # newest first
     page.screenshot(path=screenshots / "13-stepwise-epoch-task-runs.png", full_page=True)
 
 
@@ -382,11 +384,13 @@ def test_keys_are_scoped_and_no_run_name_is_cut(prefect_server, trained):
     run_ids = [trained["flow_run_id"], trained["stepwise_flow_run_id"]]
     run_ids += [run["id"] for run in epoch_runs(base, trained["stepwise_flow_run_id"])]
     names = all_task_run_names(base, run_ids)
-    assert not [name for name in names if "…" in name], names
+    # Whole file names: nothing cut from the left (a path's start), nothing but a long
+    # folder name's end (the step-wise default folder, named by lineage).
+    assert not [name for name in names if "[…" in name or "/" in name], names
     assert names.count("data_load[housing.csv]") == 2
     assert "training_init_optimizer[adam lr=0.003]" in names  # no random suffix
     saves = sorted(name for name in names if name.startswith("model_save"))
-    assert saves[0] == "model_save[model]" and re.fullmatch(r"model_save\[[\w-]+\]", saves[1]), saves
+    assert saves[0] == "model_save[model]" and re.fullmatch(r"model_save\[training-[0-9a-f]+…?\]", saves[1]), saves
 
     artifacts = httpx.post(f"{base}/api/artifacts/filter", timeout=30, json={
         "artifacts": {"flow_run_id": {"any_": run_ids}, "key": {"exists_": True}},
@@ -442,6 +446,7 @@ def test_without_its_variables_the_retrain_schedule_is_paused_and_says_why(
     }).json()
     assert runs == []  # nothing queued that could only fail
 
-    page.goto(f"{prefect_server['base']}/v2/deployments/deployment/{deployment['id']}")
+    page.goto(f"{prefect_server['base']}/v2/deployments/deployment/{deployment['id']}?tab=Description")
+    expect(page.get_by_role("switch", name="toggle At 02:00 AM")).not_to_be_checked()
     expect(page.get_by_text("Schedule paused", exact=False).first).to_be_visible()
     page.screenshot(path=screenshots / "19-retrain-deployment-paused.png", full_page=True)

@@ -13,6 +13,7 @@ import pytest
 
 from prefect_torch.flows import train_flow
 from prefect_torch.reporting.assets import asset_key
+from prefect_torch.reporting.text import round_number
 from tests.reporting.artifacts import asset_events, run_artifacts, table_data, task_run_names
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -69,7 +70,8 @@ def test_history_table_has_one_row_per_epoch(finished_run):
     rows = table_data(finished_run["artifacts"]["train-history"])
     assert [row["epoch"] for row in rows] == list(range(1, EPOCHS + 1))
     assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "val_r2", "lr", "seconds", "samples_per_s"}
-    assert rows[-1]["train_loss"] == pytest.approx(finished_run["result"].history[-1]["train_loss"], rel=1e-5)
+    # The number the markdown shows: four significant digits (round_number).
+    assert rows[-1]["train_loss"] == round_number(finished_run["result"].history[-1]["train_loss"])
 
 
 def test_loss_curves_are_an_svg_image(finished_run):
@@ -92,7 +94,7 @@ def test_evaluation_table_and_summary(finished_run):
     artifacts, result = finished_run["artifacts"], finished_run["result"]
     rows = {row["metric"]: row["value"] for row in table_data(artifacts["evaluate-test-metrics"])}
     assert set(rows) == {"mse", "mae", "rmse", "r2"}
-    assert rows["r2"] == pytest.approx(result.metrics["r2"], rel=1e-5)
+    assert rows["r2"] == round_number(result.metrics["r2"])
     assert "Metrics on the test split" in artifacts["evaluate-test-summary"].data
 
 
@@ -139,5 +141,5 @@ def test_the_model_asset_is_materialized_from_the_dataset_asset(finished_run):
     dataset_key, model_key = asset_key(str(finished_run["data"])), asset_key(finished_run["result"].model_uri)
     assert materialized.resource.id == model_key
     assert dataset_key in {related.id for related in materialized.related if related.role == "asset"}
-    assert materialized.payload["test_metrics"]["r2"] == pytest.approx(finished_run["result"].metrics["r2"], rel=1e-5)
+    assert materialized.payload["test_metrics"]["r2"] == round_number(finished_run["result"].metrics["r2"])
     assert by_name["prefect.asset.referenced"].resource.id == dataset_key
