@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.assets import materialize
 from prefect.cache_policies import NO_CACHE
 
@@ -36,9 +36,6 @@ def _save(model: ModelHandle, splits: Splits, output: str | None, extra: dict) -
         {"model": model.spec.short_name(), "data_key": splits.info.data_key, "test_metrics": extra.get("metrics", {})}
     )
     return saved
-
-
-model_save = task(**_SAVE_OPTIONS)(_save)
 
 
 def materializing_model_save(uri: str, spec: ModelSpec, dataset_uri: str):
