@@ -156,7 +156,7 @@ def line_chart_svg(
         parts.append(f'<line x1="{legend_x}" x2="{legend_x + 22}" y1="{y - 4}" y2="{y - 4}" stroke="{s.color}" stroke-width="3"/>')
         last = s.points[-1][1]
         parts.append(
-            f'<text x="{legend_x + 28}" y="{y}" fill="#111827">{escape(s.label)} {escape(fmt_number(last, 3))}</text>'
+            f'<text x="{legend_x + 28}" y="{y}" fill="#111827">{escape(s.label)} {escape(fmt_number(last))}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
