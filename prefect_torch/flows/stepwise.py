@@ -212,6 +212,7 @@ class StepwiseLoop:
         self.step_losses: list[tuple[int, float]] = []
         self._group_losses: list[float] = []
         self.step_losses_key: str | None = None  # set to publish each epoch's steps as a table
+        self.quiet: _QuietCompletions | None = None  # the log filter of the running loop
 
     def run(self) -> None:
         """Every remaining epoch, each as a nested flow run (``epoch_flow``)."""
@@ -231,7 +232,8 @@ class StepwiseLoop:
               validate_parameters=False, log_prints=True)
         def train_stepwise_epoch(epoch: int, epochs: int) -> None:
             """One epoch of the step-wise flow: every batch's cards, then the epoch end."""
-            loop.quiet.also_in_current_run()
+            if loop.quiet is not None:
+                loop.quiet.also_in_current_run()  # the per-batch cards stay quiet in here too
             first = len(loop.step_losses)
             loop.run_epoch()
             loop.publish_epoch_steps(epoch, loop.step_losses[first:])
