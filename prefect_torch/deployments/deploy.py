@@ -24,6 +24,7 @@ a worker with prefect-torch installed finds the flows wherever it runs; with
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Iterable, TypedDict
 
 from prefect_torch.deployments.pools import CPU_POOL, CUDA_POOL, GPU_TAG
@@ -32,6 +33,13 @@ NIGHTLY_CRON = "0 2 * * *"
 POOL_TRAIN_ENTRYPOINT = "prefect_torch.flows.routing.pool_train_flow"
 RETRAIN_ENTRYPOINT = "prefect_torch.flows.retrain.retrain_flow"
 PROJECT_TAG = "prefect-torch"
+RETRAIN_DESCRIPTION = "Retrain on the newest data and promote the challenger only if it beats the champion."
+#: What the retrain deployment's parameters come from in ``prefect.yaml``.
+RETRAIN_VARIABLES = {
+    "PREFECT_TORCH_RETRAIN_DATA": "data_uri",
+    "PREFECT_TORCH_RETRAIN_TARGET": "target",
+    "PREFECT_TORCH_MODEL_NAME": "model_name",
+}
 
 
 class DeploymentSpec(TypedDict):
@@ -55,6 +63,17 @@ class AppliedDeployment(TypedDict):
     name: str
     full_name: str
     work_pool: str
+
+
+class RetrainSettings(TypedDict):
+    """Output of the ``retrain_settings`` step: the retrain deployment's parameters and
+    whether its schedule may run."""
+
+    data_uri: str
+    target: str
+    model_name: str
+    schedule_active: bool
+    description: str
 
 
 class ProjectDirectory(TypedDict):
@@ -106,7 +125,7 @@ def retrain_deployment(
     return DeploymentSpec(
         name="retrain",
         entrypoint=RETRAIN_ENTRYPOINT,
-        description="Retrain on the newest data and promote the challenger only if it beats the champion.",
+        description=RETRAIN_DESCRIPTION,
         work_pool=CPU_POOL,
         tags=[PROJECT_TAG, "retrain"],
         parameters={"model_name": model_name, "data": {"uri": data_uri, "target": target}},
@@ -120,6 +139,31 @@ def project_directory() -> ProjectDirectory:
     """The folder ``prefect deploy`` runs in (a ``prefect.yaml`` build step), so
     the pull step can send the worker's runs there."""
     return ProjectDirectory(directory=os.path.abspath(os.getcwd()))
+
+
+def retrain_settings() -> RetrainSettings:
+    """The retrain deployment's settings from the PREFECT_TORCH_RETRAIN_DATA,
+    PREFECT_TORCH_RETRAIN_TARGET and PREFECT_TORCH_MODEL_NAME variables (a ``prefect.yaml``
+    build step).
+
+    Without all three a scheduled run could only fail (no data, target or model name), so
+    the schedule is created paused, and the deployment's description and a warning say
+    which variables to set."""
+    values = {field: os.environ.get(variable, "").strip() for variable, field in RETRAIN_VARIABLES.items()}
+    missing = [variable for variable, field in RETRAIN_VARIABLES.items() if not values[field]]
+    description = RETRAIN_DESCRIPTION
+    if missing:
+        message = (
+            f"Schedule paused: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set, and a "
+            "scheduled run could only fail. Set them and run `prefect deploy --all` again, or fill in the "
+            "parameters and turn the schedule on in the UI."
+        )
+        description = f"{RETRAIN_DESCRIPTION} {message}"
+        print(f"WARNING: retrain deployment: {message}", file=sys.stderr)
+    return RetrainSettings(
+        data_uri=values["data_uri"], target=values["target"], model_name=values["model_name"],
+        schedule_active=not missing, description=description,
+    )
 
 
 def apply_deployments(
@@ -172,5 +216,8 @@ __all__ = [
     "train_gpu_deployment",
     "retrain_deployment",
     "project_directory",
+    "retrain_settings",
+    "RetrainSettings",
+    "RETRAIN_VARIABLES",
     "apply_deployments",
 ]

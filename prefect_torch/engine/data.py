@@ -33,7 +33,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 class LoadSpec(Spec):
     """How to read a dataset."""
 
-    uri: str = Field(description="Local path or fsspec URL (e.g. s3://bucket/data.csv) of the dataset.")
+    uri: str = Field(title="URI", description="Local path or fsspec URL (e.g. s3://bucket/data.csv) of the dataset.")
     format: DataFormat = Field(
         default="auto", description="File format; 'auto' decides from the file name and content."
     )

@@ -21,7 +21,7 @@ class OptimizerSpec(Spec):
     """Which optimizer updates the weights, and how fast."""
 
     name: OptimizerName = Field(default="adam", description="Optimizer: adam, adamw, sgd or rmsprop.")
-    lr: float = Field(default=1e-3, gt=0.0, le=10.0, description="Learning rate.")
+    lr: float = Field(default=1e-3, title="Learning rate", gt=0.0, le=10.0, description="Learning rate.")
     weight_decay: float = Field(default=0.0, ge=0.0, description="L2 penalty (decoupled for adamw).")
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0, description="Momentum (sgd, rmsprop).")
 
@@ -38,7 +38,7 @@ class SchedulerSpec(Spec):
     )
     step_size: int = Field(default=10, ge=1, description="step: epochs (or steps) between decays.")
     gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="step: factor applied at each decay.")
-    min_lr: float = Field(default=0.0, ge=0.0, description="cosine / plateau: the lowest learning rate.")
+    min_lr: float = Field(default=0.0, title="Min learning rate", ge=0.0, description="cosine / plateau: the lowest learning rate.")
     factor: float = Field(default=0.1, gt=0.0, lt=1.0, description="plateau: factor applied when progress stalls.")
     patience: int = Field(default=5, ge=0, description="plateau: epochs without improvement before a decay.")
 

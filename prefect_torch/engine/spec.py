@@ -27,10 +27,24 @@ def describe_validation_error(exc: ValidationError, what: str) -> str:
     return f"Invalid {what}: " + "; ".join(p.rstrip(".") for p in problems) + "."
 
 
-class Spec(BaseModel):
-    """A typed config; invalid values raise ConfigError naming the field, rule and value."""
+# Words a person writes differently from the field name's part.
+_TITLE_WORDS = {"uri": "URI", "lr": "learning rate", "s": "(s)", "id": "ID", "val": "validation", "kwargs": "keyword arguments"}
 
-    model_config = ConfigDict(extra="forbid")
+
+def human_title(name: str, _info: Any = None) -> str:
+    """The form title of a field: ``min_lr`` → "Min learning rate", ``start_timeout_s`` →
+    "Start timeout (s)", ``uri`` → "URI" (the UI shows it above the field)."""
+    words = [_TITLE_WORDS.get(word, word) for word in name.split("_") if word]
+    text = " ".join(words)
+    return text[:1].upper() + text[1:]
+
+
+class Spec(BaseModel):
+    """A typed config; invalid values raise ConfigError naming the field, rule and value.
+
+    Form titles are written for people (``human_title``), not derived word by word."""
+
+    model_config = ConfigDict(extra="forbid", field_title_generator=human_title)
 
     def __init__(self, **data: Any) -> None:
         if _validating.get():

@@ -16,7 +16,7 @@ from prefect_torch.engine.split import SplitSpec
 class DatasetSpec(Spec):
     """Where the data is and how to learn from it."""
 
-    uri: str = Field(description="Local path or URL (s3://bucket/key.csv) of a CSV or Parquet file.")
+    uri: str = Field(title="URI", description="Local path or URL (s3://bucket/key.csv) of a CSV or Parquet file.")
     target: str = Field(description="Name of the column to predict.")
     features: list[str] | None = Field(default=None, description="Feature columns; every other column when empty.")
     format: DataFormat = Field(default="auto", description="File format; 'auto' decides from name and content.")

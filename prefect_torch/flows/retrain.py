@@ -56,6 +56,7 @@ class NewestDataset(DatasetSpec):
     """Where new datasets arrive, and how to learn from them."""
 
     uri: str = Field(
+        title="URI",
         description=(
             "Where new datasets arrive: a folder, a glob such as /data/housing/*.csv, or an "
             "s3:// prefix. The newest CSV or Parquet file there is trained on."

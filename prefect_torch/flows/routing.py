@@ -69,10 +69,10 @@ class RoutingSpec(Spec):
         description="With no GPU pool, deployment or worker: 'fail' at once, or 'cpu' to train on CPU in this run.",
     )
     start_timeout_s: float = Field(
-        default=600.0, gt=0, description="Cancel and fail if no worker starts the GPU run within this many seconds."
+        default=600.0, title="Start timeout (s)", gt=0, description="Cancel and fail if no worker starts the GPU run within this many seconds."
     )
     timeout_s: float = Field(
-        default=86_400.0, gt=0, description="Cancel and fail if the GPU run has not finished within this many seconds."
+        default=86_400.0, title="Timeout (s)", gt=0, description="Cancel and fail if the GPU run has not finished within this many seconds."
     )
 
 

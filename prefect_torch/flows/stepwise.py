@@ -7,6 +7,13 @@ training_prepare_batch → training_zero_grad → training_forward → training_
 (``training_epoch_end``), the LR schedule and a checkpoint; at the end, evaluate
 on the test split and save the model as ``train_flow`` does.
 
+Each epoch runs as a nested flow run (``epoch 1/2``, ...): the run's graph shows
+the loop's structure at its top level, and a batch's cards are one click into
+their epoch. The run publishes what ``train_flow`` publishes (progress, per-epoch
+history, loss curves, a summary, the model card and the model asset made from the
+dataset asset), plus the training loss of every optimizer step: a table in each
+epoch's run and a curve over the whole run.
+
 One engine, two drivers: the loop state, batching plan, epoch end, schedule,
 early stopping and checkpoints are the fast path's ``Trainer``; this flow only
 replaces its inner batch loop by cards. With the same specs and seed both flows
@@ -25,7 +32,7 @@ import time
 from typing import Any
 
 import torch
-from prefect import Task, flow, get_run_logger, task
+from prefect import Flow, Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import opaque
 from pydantic.json_schema import SkipJsonSchema
@@ -37,12 +44,18 @@ from prefect_torch.engine.device import resolve_device
 from prefect_torch.engine.fileio import join
 from prefect_torch.engine.handles import ModelHandle, OptimizerHandle
 from prefect_torch.engine.loop import Callback, EpochRecord, Trainer, TrainSpec
-from prefect_torch.engine.models import ModelSpec
+from prefect_torch.engine.models import ModelSpec, count_parameters
 from prefect_torch.engine.optim import OptimizerSpec
 from prefect_torch.engine.split import Splits
 from prefect_torch.errors import ConfigError
 from prefect_torch.flows.params import DatasetSpec, TrainFlowResult
-from prefect_torch.flows.train import model_save
+from prefect_torch.flows.storage import default_models_root
+from prefect_torch.flows.train import materializing_model_save
+from prefect_torch.reporting import TrainingReport, current_run_name, publish_model_card
+from prefect_torch.reporting.plot import loss_scale_note, step_loss_markdown
+from prefect_torch.reporting.publish import Publisher, artifact_key, never_fails
+from prefect_torch.reporting.tables import MAX_TABLE_ROWS, thin
+from prefect_torch.reporting.text import table_cell
 from prefect_torch.tasks import (
     data_load,
     data_split,
@@ -195,12 +208,50 @@ class StepwiseLoop:
         self.after_loss = _maybe_named(user_steps.after_loss, cursor)
         self.after_backward = _maybe_named(user_steps.after_backward, cursor)
         self.after_step = _maybe_named(user_steps.after_step, cursor)
+        #: (optimizer step, mean training loss of the batches it applied), every step of this run.
+        self.step_losses: list[tuple[int, float]] = []
+        self._group_losses: list[float] = []
+        self.step_losses_key: str | None = None  # set to publish each epoch's steps as a table
+        self.quiet: _QuietCompletions | None = None  # the log filter of the running loop
 
     def run(self) -> None:
-        with _long_lived_objects_frozen(), _step_card_completions_quiet(PER_BATCH_CARDS):
+        """Every remaining epoch, each as a nested flow run (``epoch_flow``)."""
+        epoch_flow = self.epoch_flow()
+        with _long_lived_objects_frozen(), _step_card_completions_quiet(PER_BATCH_CARDS) as quiet:
+            self.quiet = quiet
             self.trainer.begin()
             while self.trainer.running:
-                self.run_epoch()
+                epoch_flow(epoch=self.trainer.state.epoch + 1, epochs=self.spec.epochs)
+
+    def epoch_flow(self) -> Flow:
+        """The flow one epoch runs in: its batch cards, validation, schedule and checkpoint
+        become that flow run's task runs, so the parent run's graph shows one node per epoch."""
+        loop = self
+
+        @flow(name="train-stepwise-epoch", flow_run_name="epoch {epoch}/{epochs}", persist_result=False,
+              validate_parameters=False, log_prints=True)
+        def train_stepwise_epoch(epoch: int, epochs: int) -> None:
+            """One epoch of the step-wise flow: every batch's cards, then the epoch end."""
+            if loop.quiet is not None:
+                loop.quiet.also_in_current_run()  # the per-batch cards stay quiet in here too
+            first = len(loop.step_losses)
+            loop.run_epoch()
+            loop.publish_epoch_steps(epoch, loop.step_losses[first:])
+
+        return train_stepwise_epoch
+
+    def publish_epoch_steps(self, epoch: int, steps: list[tuple[int, float]]) -> None:
+        """This epoch's per-step training loss, as a table on the epoch's flow run."""
+        if self.step_losses_key is None or not steps:
+            return
+        with never_fails("per-step loss table"):
+            rows = [{"step": step, "train_loss": table_cell(loss)} for step, loss in steps]
+            shown = thin(rows, MAX_TABLE_ROWS)
+            covers = f"{len(rows):,} steps" if len(shown) == len(rows) else f"{len(shown)} of {len(rows):,} steps"
+            Publisher().table(
+                self.step_losses_key, shown,
+                f"Training loss of each optimizer step in epoch {epoch} ({covers}; the mean over the step's batches).",
+            )
 
     def run_epoch(self) -> None:
         trainer, state = self.trainer, self.trainer.state
@@ -242,6 +293,7 @@ class StepwiseLoop:
                     f"scalar tensor; it returned {type(loss).__name__} {getattr(loss, 'shape', '')}."
                 )
             loss_value = float(loss.detach())
+        self._group_losses.append(float(loss_value))
         if not math.isfinite(loss_value):
             self.trainer.check_finite(loss, plan)  # raises the loop's TrainingError with its advice
         self.model, _ = self.backward(opaque(loss), opaque(self.model), loss_scale=plan.loss_scale)
@@ -256,6 +308,8 @@ class StepwiseLoop:
             opaque(self.optimizer), opaque(self.model), gradient_clip=self.spec.clip or 0.0, step=trainer.state.step + 1
         )
         trainer.count_step(plan)
+        self.step_losses.append((trainer.state.step, sum(self._group_losses) / len(self._group_losses)))
+        self._group_losses = []
         if trainer.scheduler_due("step"):
             self.optimizer, _ = self.lr_schedule(opaque(self.optimizer), opaque(trainer.scheduler))
         if self.after_step is not None:
@@ -301,22 +355,32 @@ PER_BATCH_CARDS = frozenset(card.name for card in (
 
 
 class _QuietCompletions(logging.Filter):
-    """Drops the "Finished in state Completed()" line of this flow run's per-batch cards.
+    """Drops the "Finished in state Completed()" line of this flow run's per-batch cards
+    (and of the epoch flow runs below it: ``also_in_current_run``).
 
     Six of them per batch bury the epoch lines in the console and the run's log, and
     each is shipped to the server and stored. Their task runs and states still show
     in the UI; failures still log (at ERROR); at DEBUG level nothing is dropped.
     """
 
-    def __init__(self, flow_run_id: str, cards: frozenset[str]):
+    def __init__(self, flow_run_id: str | None, cards: frozenset[str]):
         super().__init__()
-        self.flow_run_id, self.cards = flow_run_id, cards
+        self.flow_run_ids = {flow_run_id} if flow_run_id else set()
+        self.cards = cards
+
+    def also_in_current_run(self) -> None:
+        """Quiet the cards of the flow run now active too (an epoch's nested run)."""
+        from prefect.context import FlowRunContext
+
+        context = FlowRunContext.get()
+        if context is not None and context.flow_run is not None:
+            self.flow_run_ids.add(str(context.flow_run.id))
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (
             record.levelno == logging.INFO
             and getattr(record, "task_name", None) in self.cards
-            and getattr(record, "flow_run_id", None) == self.flow_run_id
+            and getattr(record, "flow_run_id", None) in self.flow_run_ids
             and not logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         )
 
@@ -327,13 +391,13 @@ def _step_card_completions_quiet(cards: frozenset[str]):
 
     context = FlowRunContext.get()
     if context is None or context.flow_run is None:
-        yield  # no flow run to attribute lines to: leave logging alone
+        yield _QuietCompletions(None, cards)  # no flow run to attribute lines to: leave logging alone
         return
     task_runs = logging.getLogger("prefect.task_runs")
     quiet = _QuietCompletions(str(context.flow_run.id), cards)
     task_runs.addFilter(quiet)
     try:
-        yield
+        yield quiet
     finally:
         task_runs.removeFilter(quiet)
 
@@ -402,6 +466,7 @@ def stepwise_train_flow(
         after_backward: Python callers only: a task (model, batch_data) run after Backward Pass.
         after_step: Python callers only: a task (model, optimizer, step_info) run after Optimizer Step.
     """
+    flow_started = time.perf_counter()
     logger = get_run_logger()
     _check_supported(training)
     user_steps = UserSteps(after_loss, after_backward, after_step)
@@ -416,8 +481,11 @@ def stepwise_train_flow(
     lineage = checkpoint_key(handle.key, optimizer, training, user_steps.lineage())
     checkpoints = join(checkpoint_dir or default_checkpoints_root(), lineage)
     cursor = _Cursor()
+    # The fast path's report: progress while the epochs run; history, loss curves and summary at the end.
+    report = TrainingReport(model, optimizer, logger=logger,
+                            model_note="saved by this flow's model_save task; see the model card")
     trainer = Trainer(handle.model, opt.live, splits, training,
-                      [LogEpochs(logger), _CheckpointAsTask(checkpoints, cursor)])
+                      [LogEpochs(logger), report, _CheckpointAsTask(checkpoints, cursor)])
     if resume and (state := resume_trainer(checkpoints, trainer)) is not None:
         # The checkpoint was loaded into the live model and optimizer: both moved on.
         handle = handle.advance("resume", state.step)
@@ -431,10 +499,20 @@ def stepwise_train_flow(
     )
 
     loop = StepwiseLoop(trainer, splits, handle, opt, user_steps, cursor)
+    loop.step_losses_key = artifact_key(report.scope, "train-step-losses")
     started = time.perf_counter()
-    loop.run()
-    result = trainer.finish(time.perf_counter() - started)
+    with report.running(trainer):  # finish inside, as Trainer.fit does: the report reads the stop reason
+        loop.run()
+        result = trainer.finish(time.perf_counter() - started)
     logger.info("stopped: %s", result.stop_reason)
+    scale_note = loss_scale_note(splits.info.problem, splits.info.target_std)
+    if loop.step_losses:
+        with never_fails("per-step loss curve", logger):
+            Publisher(logger).markdown(
+                artifact_key(report.scope, "train-step-loss-curve"),
+                step_loss_markdown(loop.step_losses, trainer.loss_name, trainer.steps_per_epoch, scale_note),
+                f"Training loss of every optimizer step of {current_run_name('train-stepwise')}.",
+            )
     trained = loop.model
     if result.restored_best:
         trained = trained.advance("restore_best_weights", result.state.best_epoch)
@@ -450,9 +528,19 @@ def stepwise_train_flow(
         "training_spec": training.model_dump(mode="json"),
         "loss": trainer.loss_name,
     }
-    model_uri = model_save(trained, splits, output, extra)
+    # Saved as train_flow saves: the model asset, made from the dataset asset.
+    destination = output or join(default_models_root(), trained.key)
+    model_uri = materializing_model_save(destination, model, dataset.uri)(trained, splits, destination, extra)
     logger.info("test metrics: %s; model saved to %s",
                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), model_uri)
+    publish_model_card(
+        logger, title=current_run_name("train-stepwise"), dataset_uri=dataset.uri, data_key=splits.info.data_key,
+        rows=splits.info.rows, problem=splits.info.problem, loss=trainer.loss_name, model_spec=model,
+        parameters=count_parameters(trained.model), optimizer=optimizer, device=str(trainer.device),
+        history=result.history, epochs=training.epochs, steps=result.state.step, stop_reason=result.stop_reason,
+        metrics=metrics, model_uri=model_uri, seconds=time.perf_counter() - flow_started,
+        train_seconds=result.seconds, target_std=splits.info.target_std,
+    )
     return TrainFlowResult(
         metrics=metrics,
         history=result.history,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.assets import materialize
 from prefect.cache_policies import NO_CACHE
 
@@ -38,10 +38,7 @@ def _save(model: ModelHandle, splits: Splits, output: str | None, extra: dict) -
     return saved
 
 
-model_save = task(**_SAVE_OPTIONS)(_save)
-
-
-def _materializing_save(uri: str, spec: ModelSpec, dataset_uri: str):
+def materializing_model_save(uri: str, spec: ModelSpec, dataset_uri: str):
     """model_save as the task that materializes the model asset at ``uri`` from the dataset
     asset: the lineage Prefect shows. The keys are only known at run time, hence per call."""
     return materialize(
@@ -83,7 +80,10 @@ def train_flow(
     table = load(dataset.load_spec())
     splits = split(table, dataset.split_spec())
     handle = define(model, splits)
-    trained = fit(splits, handle, optimizer, training)
+    fitted = fit(splits, handle, optimizer, training, return_state=True)
+    trained = fitted.result()
+    # A cached Train card returns an earlier run's model: the card must say so.
+    cached = fitted.name == "Cached"
     metrics = score(trained.model, splits, "test")
     extra = {
         "metrics": metrics,
@@ -93,7 +93,7 @@ def train_flow(
         "loss": trained.loss,
     }
     destination = output or join(default_models_root(), trained.model.key)
-    save = _materializing_save(destination, model, dataset.uri)
+    save = materializing_model_save(destination, model, dataset.uri)
     model_uri = save(trained.model, splits, destination, extra)
     logger.info("test metrics: %s; model saved to %s", _fmt(metrics), model_uri)
     publish_model_card(
@@ -102,6 +102,7 @@ def train_flow(
         parameters=count_parameters(trained.model.model), optimizer=optimizer, device=trained.device,
         history=trained.history, epochs=training.epochs, steps=trained.steps, stop_reason=trained.stop_reason,
         metrics=metrics, model_uri=model_uri, seconds=time.perf_counter() - started,
+        train_seconds=trained.seconds, cached=cached, target_std=splits.info.target_std,
     )
     return TrainFlowResult(
         metrics=metrics,

@@ -7,7 +7,7 @@ import logging
 from prefect_torch.engine.handles import ModelHandle
 from prefect_torch.engine.models import count_parameters
 from prefect_torch.engine.split import Splits
-from prefect_torch.reporting.publish import Publisher, artifact_key, current_run_name, never_fails
+from prefect_torch.reporting.publish import Publisher, artifact_key, artifact_scope, current_run_name, never_fails
 from prefect_torch.reporting.summary import RunSummary
 from prefect_torch.reporting.tables import metrics_rows
 
@@ -57,10 +57,11 @@ def _publish(
         metrics_title=f"Metrics on the {split} split",
         metrics=dict(metrics),
     )
+    scope = artifact_scope(model.spec.short_name())
     if metrics:
         publisher.table(
-            artifact_key("evaluate", split, "metrics"), metrics_rows(metrics),
+            artifact_key(scope, "evaluate", split, "metrics"), metrics_rows(metrics),
             f"Metrics of {model.spec.short_name()} on the {split} split ({rows:,} rows).",
         )
-    publisher.markdown(artifact_key("evaluate", split, "summary"), summary.to_markdown(), f"Summary of {title}.")
+    publisher.markdown(artifact_key(scope, "evaluate", split, "summary"), summary.to_markdown(), f"Summary of {title}.")
     return summary

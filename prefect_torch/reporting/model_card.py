@@ -11,8 +11,8 @@ from typing import Any
 
 from prefect_torch.engine.models import ModelSpec
 from prefect_torch.engine.optim import OptimizerSpec
-from prefect_torch.reporting.plot import loss_curves_markdown
-from prefect_torch.reporting.publish import Publisher, never_fails
+from prefect_torch.reporting.plot import loss_curves_markdown, loss_scale_note
+from prefect_torch.reporting.publish import Publisher, artifact_key, artifact_scope, never_fails
 from prefect_torch.reporting.summary import RunSummary
 from prefect_torch.reporting.text import display_uri, md_code
 
@@ -38,8 +38,16 @@ def model_card(
     metrics: dict[str, float],
     model_uri: str,
     seconds: float,
+    train_seconds: float | None = None,
+    cached: bool = False,
+    target_std: float | None = None,
+    extra_markdown: str | None = None,
 ) -> str:
-    """Markdown: the summary table, test metrics and the loss curves."""
+    """Markdown: the summary, test metrics and the loss curves (then ``extra_markdown``).
+
+    ``seconds`` is this run's wall time, ``train_seconds`` the training loop's; ``cached``
+    says the model was read from the cache, so the card does not pass a rerun's seconds off
+    as the training time."""
     summary = RunSummary(
         title=f"Model card — {title}",
         status="completed",
@@ -57,6 +65,8 @@ def model_card(
         epochs=f"{len(history)} of {epochs}",
         steps=steps,
         seconds=seconds,
+        train_seconds=train_seconds,
+        cached=cached,
         model_location=model_uri,
         metrics_title="Metrics on the test split",
         metrics=dict(metrics),
@@ -64,17 +74,20 @@ def model_card(
     )
     markdown = summary.to_markdown()
     if history:
-        markdown += "\n" + loss_curves_markdown(history, loss) + "\n"
+        markdown += "\n" + loss_curves_markdown(history, loss, scale_note=loss_scale_note(problem, target_std)) + "\n"
+    if extra_markdown:
+        markdown += "\n" + extra_markdown.rstrip() + "\n"
     return markdown
 
 
 def publish_model_card(logger: logging.Logger | logging.LoggerAdapter | None = None, **facts: Any) -> str | None:
-    """Publish the ``model-card`` markdown artifact; returns its markdown (None if it could
+    """Publish the model card (key ``<flow>-<dataset>-<model>-model-card``); returns its markdown (None if it could
     not be built: a warning says why, and the flow goes on)."""
     with never_fails("model card", logger):
         markdown = model_card(**facts)
+        key = artifact_key(artifact_scope(facts["model_spec"].short_name()), MODEL_CARD_KEY)
         Publisher(logger).markdown(
-            MODEL_CARD_KEY, markdown, f"The model trained by {facts['title']}: where it is stored and how well it does."
+            key, markdown, f"The model trained by {facts['title']}: where it is stored and how well it does."
         )
         return markdown
     return None

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect_torch.reporting.text import display_uri
+from prefect_torch.reporting.text import display_uri, truncate
+
+# A run name shows a file or folder name up to this long, cut at its end.
+MAX_NAME_CHARS = 40
 
 
 def _parameters() -> dict[str, Any]:
@@ -17,11 +20,19 @@ def _parameters() -> dict[str, Any]:
     return task_run.parameters
 
 
+def file_name(uri: object) -> str:
+    """The last part of a path or URL (``housing.csv``), without credentials or query, for
+    a run name: a whole name, never a path cut in the middle of a word."""
+    text = display_uri(str(uri), max_length=10_000).rstrip("/")
+    name = text.rsplit("/", 1)[-1] or text
+    return truncate(name, MAX_NAME_CHARS)
+
+
 def data_load_run_name() -> str:
-    """``data_load[…/data/housing.csv]``: where the data came from, without credentials."""
+    """``data_load[housing.csv]``: the file the data came from."""
     spec = _parameters().get("spec")
     uri = getattr(spec, "uri", None)
-    return f"data_load[{display_uri(uri, max_length=48)}]" if uri else "data_load"
+    return f"data_load[{file_name(uri)}]" if uri else "data_load"
 
 
 def data_split_run_name() -> str:
@@ -41,6 +52,12 @@ def model_define_run_name() -> str:
 
 
 def model_save_run_name() -> str:
-    """``model_save[…/models/train-3f2a…]``: where the model goes."""
+    """``model_save[train-3f2a9c…]``: the folder the model goes to."""
     output = _parameters().get("output")
-    return f"model_save[{display_uri(output, max_length=48)}]" if output else "model_save"
+    return f"model_save[{file_name(output)}]" if output else "model_save"
+
+
+def init_optimizer_run_name() -> str:
+    """``training_init_optimizer[adam lr=0.003]``: which optimizer, no random suffix."""
+    spec = _parameters().get("spec")
+    return f"training_init_optimizer[{spec.short_name()}]" if hasattr(spec, "short_name") else "training_init_optimizer"

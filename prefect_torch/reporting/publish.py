@@ -23,6 +23,7 @@ from prefect.artifacts import (
 from prefect.context import FlowRunContext, TaskRunContext
 
 from prefect_torch.errors import ConfigError
+from prefect_torch.reporting.text import scrub_secrets
 
 _KEY = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
@@ -66,6 +67,38 @@ def artifact_key(*parts: str) -> str:
             f"Cannot build an artifact key from {parts!r}; use lowercase letters, digits and dashes."
         )
     return key
+
+
+# A scope's dataset part is at most this long: keys stay readable in the Artifacts list.
+MAX_SCOPE_PART = 32
+
+
+def artifact_scope(model: str | None = None, flow: str | None = None, dataset_uri: str | None = None) -> str:
+    """What an artifact key starts with so the Artifacts page groups one model trained on one
+    dataset by one flow: ``train-housing-csv-mlp-32x32``. Flow and dataset default to the
+    current flow run's name and its ``dataset``/``data`` parameter; parts that are unknown
+    are left out (outside a flow run the key is the bare kind, e.g. ``model-card``)."""
+    context = FlowRunContext.get()
+    if flow is None and context is not None and context.flow is not None:
+        flow = context.flow.name
+    if dataset_uri is None and context is not None:
+        dataset_uri = _dataset_parameter(context.parameters or {})
+    dataset = None
+    if dataset_uri:
+        dataset = scrub_secrets(str(dataset_uri)).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        dataset = re.sub(r"[^a-z0-9]+", "-", dataset.lower()).strip("-")[:MAX_SCOPE_PART].strip("-")
+    return "-".join(
+        re.sub(r"[^a-z0-9]+", "-", part.lower()).strip("-") for part in (flow, dataset, model) if part
+    )
+
+
+def _dataset_parameter(parameters: dict[str, Any]) -> str | None:
+    for name in ("dataset", "data"):
+        value = parameters.get(name)
+        uri = value.get("uri") if isinstance(value, dict) else getattr(value, "uri", None)
+        if isinstance(uri, str) and uri:
+            return uri
+    return None
 
 
 class Publisher:

@@ -47,6 +47,10 @@ class RunSummary(BaseModel):
     epochs: str | None = Field(default=None, description="Epochs run, e.g. '8 of 20'.")
     steps: int | None = Field(default=None, description="Optimizer steps taken.")
     seconds: float | None = Field(default=None, description="Wall time of the card.")
+    train_seconds: float | None = Field(default=None, description="Wall time of the training loop that made the model.")
+    cached: bool = Field(
+        default=False, description="The model was read from the cache: an earlier run trained it, this one did not."
+    )
     model_location: str | None = Field(default=None, description="Where the model is stored (a path or URL).")
     model_note: str | None = Field(
         default=None, description="What became of the model when this card did not store it."
@@ -57,11 +61,11 @@ class RunSummary(BaseModel):
 
     def to_markdown(self) -> str:
         lines = [f"# {md_escape(self.title)}", ""]
-        if self.status == "completed":
-            lines.append(f"**Completed**{': ' + md_escape(self.outcome) if self.outcome else ''}")
-        else:
-            lines.append(f"**Failed**{': ' + md_escape(self.outcome) if self.outcome else ''}")
-        lines.append("")
+        outcome = self.outcome or ""
+        if self.cached:
+            outcome = (outcome + " · " if outcome else "") + "read from the cache (an earlier run trained this model)"
+        label = "**Completed**" if self.status == "completed" else "**Failed**"
+        lines += [f"{label}{': ' + md_escape(outcome) if outcome else ''}", ""]
         if self.error:
             # A blockquote, not a code block: the UIs do not wrap code, and the fix at the end
             # of the message would be scrolled out of sight.
@@ -69,7 +73,9 @@ class RunSummary(BaseModel):
             lines += [f"> {md_escape(line)}" if line.strip() else ">" for line in error.splitlines()] + [""]
         facts = self._facts()
         if facts:
-            lines += ["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in facts] + [""]
+            # A list, not a two-column table: a table needs a header row, and a key/value
+            # table's would be empty; list items also wrap long values instead of clipping them.
+            lines += [f"- **{name}:** {value}" for name, value in facts] + [""]
         if self.metrics:
             lines += [f"## {md_escape(self.metrics_title)}", "", "| metric | value |", "|---|---|"]
             lines += [f"| {md_escape(name)} | {fmt_number(value)} |" for name, value in self.metrics.items()]
@@ -91,7 +97,8 @@ class RunSummary(BaseModel):
             size = f" — {self.parameters:,} parameters" if self.parameters is not None else ""
             facts.append(("Model", md_escape(self.model) + size))
         if self.model_spec is not None:
-            facts.append(("Model spec", md_code(scrub_secrets(json.dumps(self.model_spec, sort_keys=True)))))
+            # Plain text that wraps, not code: code is not wrapped, and the UI clipped it.
+            facts.append(("Model spec", md_escape(scrub_secrets(_spec_text(self.model_spec)))))
         if self.optimizer:
             facts.append(("Optimizer", md_escape(self.optimizer)))
         if self.device:
@@ -99,13 +106,23 @@ class RunSummary(BaseModel):
         if self.epochs:
             steps = f" ({self.steps:,} optimizer steps)" if self.steps is not None else ""
             facts.append(("Epochs", md_escape(self.epochs) + steps))
+        if self.cached:
+            earlier = f" in {fmt_seconds(self.train_seconds)}" if self.train_seconds is not None else ""
+            facts.append(("Training", f"read from the cache; an earlier run trained this model{earlier}"))
+        elif self.train_seconds is not None:
+            facts.append(("Training time", fmt_seconds(self.train_seconds)))
         if self.seconds is not None:
-            facts.append(("Wall time", fmt_seconds(self.seconds)))
+            facts.append(("Wall time of this run" if self.cached else "Wall time", fmt_seconds(self.seconds)))
         if self.model_location:
             facts.append(("Model stored at", md_code(display_uri(self.model_location, max_length=400))))
         elif self.model_note:
             facts.append(("Model stored at", md_escape(self.model_note)))
         return facts
+
+
+def _spec_text(spec: dict[str, Any]) -> str:
+    """``activation=relu, dropout=0.0, hidden=[32, 32]``: the spec's fields, sorted."""
+    return ", ".join(f"{name}={json.dumps(value, sort_keys=True)}" for name, value in sorted(spec.items()))
 
 
 def describe_error(exc: BaseException) -> str:

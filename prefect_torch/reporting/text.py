@@ -43,7 +43,28 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def fmt_number(value: object, digits: int = 4) -> str:
+#: Significant digits of every number an artifact shows (tables, markdown, progress).
+DIGITS = 4
+
+
+def round_number(value: float, digits: int = DIGITS) -> float | int:
+    """The value every artifact shows for ``value``: ``digits`` significant digits,
+    a whole number from 10**digits up to 1e9, and ``digits`` significant digits in
+    scientific notation beyond. Tables hold this number, markdown prints it
+    (``fmt_number``), so both agree to the digit."""
+    if not math.isfinite(value) or value == 0:
+        return value
+    magnitude = abs(value)
+    if 1e-3 <= magnitude < 10 ** digits:
+        rounded = float(f"{value:.{digits}g}")
+        if abs(rounded) < 10 ** digits:  # 9999.7 rounds up to the next range
+            return rounded
+    if 1e-3 <= magnitude < 1e9:
+        return int(round(value))
+    return float(f"{value:.{digits - 1}e}")
+
+
+def fmt_number(value: object, digits: int = DIGITS) -> str:
     """A short human form: ``0.03125``, ``1.234e-05``, ``12,345``, ``nan``; '—' for missing."""
     if value is None:
         return "—"
@@ -55,12 +76,12 @@ def fmt_number(value: object, digits: int = 4) -> str:
         return str(value)  # 'nan', 'inf', '-inf'
     if value == 0:
         return "0"
-    magnitude = abs(value)
-    if 1e-3 <= magnitude < 10 ** digits:
-        return f"{value:.{digits}g}"
-    if 10 ** digits <= magnitude < 1e9:
-        return f"{value:,.0f}"
-    return f"{value:.{digits - 1}e}"
+    shown = round_number(value, digits)
+    if isinstance(shown, int):
+        return f"{shown:,}"
+    if 1e-3 <= abs(shown) < 10 ** digits:
+        return f"{shown:.{digits}g}"
+    return f"{shown:.{digits - 1}e}"
 
 
 def fmt_seconds(seconds: float | None) -> str:
@@ -78,14 +99,14 @@ def fmt_seconds(seconds: float | None) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def table_cell(value: object, digits: int = 6) -> object:
+def table_cell(value: object, digits: int = DIGITS) -> object:
     """A value for a table artifact: numbers stay numbers (so the UI sorts them),
-    rounded to ``digits`` significant digits; NaN and inf become text, because the
-    UI parses the table as strict JSON, which has no NaN or Infinity."""
+    rounded as ``fmt_number`` shows them (``round_number``); NaN and inf become text,
+    because the UI parses the table as strict JSON, which has no NaN or Infinity."""
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        return float(f"{value:.{digits}g}")
+        return round_number(value, digits)
     return value
 
 

@@ -24,8 +24,8 @@ from typing import Iterator
 from prefect_torch.engine.loop import Callback, EpochRecord, Trainer
 from prefect_torch.engine.models import ModelSpec, count_parameters
 from prefect_torch.engine.optim import OptimizerSpec
-from prefect_torch.reporting.plot import loss_curves_markdown
-from prefect_torch.reporting.publish import Publisher, artifact_key, current_run_name, never_fails
+from prefect_torch.reporting.plot import loss_curves_markdown, loss_scale_note
+from prefect_torch.reporting.publish import Publisher, artifact_key, artifact_scope, current_run_name, never_fails
 from prefect_torch.reporting.summary import RunSummary, describe_error
 from prefect_torch.reporting.tables import history_table
 from prefect_torch.reporting.text import fmt_number
@@ -49,12 +49,20 @@ class TrainingReport(Callback):
         logger: logging.Logger | logging.LoggerAdapter | None = None,
         key_prefix: str = "train",
         min_interval_s: float = DEFAULT_MIN_INTERVAL_S,
+        scope: str | None = None,
+        model_note: str = "not stored by this card; it returns the trained model in memory to the next card",
     ):
         self.model_spec = model_spec
         self.optimizer = optimizer
         self.publisher = Publisher(logger)
         self.logger = self.publisher.logger
-        self.keys = {name: artifact_key(key_prefix, name) for name in ("progress", "history", "loss-curves", "summary")}
+        # Keys start with the flow, dataset and model (``artifact_scope``): the Artifacts page
+        # groups the runs of one model on one dataset.
+        self.scope = artifact_scope(model_spec.short_name()) if scope is None else scope
+        self.keys = {
+            name: artifact_key(self.scope, key_prefix, name) for name in ("progress", "history", "loss-curves", "summary")
+        }
+        self.model_note = model_note
         self.min_interval_s = min_interval_s
         self.progress_id = None
         self.summary: RunSummary | None = None
@@ -97,7 +105,11 @@ class TrainingReport(Callback):
             rows, covers = history_table(history)
             self.publisher.table(self.keys["history"], rows, f"Per-epoch history of {title}: {covers}.")
             self.publisher.markdown(
-                self.keys["loss-curves"], loss_curves_markdown(history, trainer.loss_name),
+                self.keys["loss-curves"],
+                loss_curves_markdown(
+                    history, trainer.loss_name,
+                    scale_note=loss_scale_note(trainer.info.problem, trainer.info.target_std),
+                ),
                 f"Train and validation loss per epoch of {title}.",
             )
         self.summary = self.build_summary(trainer, title, error)
@@ -136,7 +148,7 @@ class TrainingReport(Callback):
             epochs=f"{len(history)} of {spec.epochs}",
             steps=state.step,
             seconds=time.perf_counter() - self._started,
-            model_note="not stored by this card; it returns the trained model in memory to the next card",
+            model_note=self.model_note,
             metrics_title=f"Final epoch ({last['epoch']})" if last else "Final metrics",
             metrics=metrics,
             notes=notes,

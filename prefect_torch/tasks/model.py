@@ -8,7 +8,7 @@ from prefect_torch.engine.handles import ModelHandle, OptimizerHandle, lineage_k
 from prefect_torch.engine.models import ModelSpec, build_model
 from prefect_torch.engine.optim import OptimizerSpec, build_optimizer
 from prefect_torch.engine.split import Splits
-from prefect_torch.reporting.names import model_define_run_name
+from prefect_torch.reporting.names import init_optimizer_run_name, model_define_run_name
 from prefect_torch.tasks._common import STEP_CARD, coarse_card
 
 
@@ -21,7 +21,7 @@ def model_define(spec: ModelSpec, splits: Splits) -> ModelHandle:
     return ModelHandle(module, spec, key, 0, info.n_features, info.n_outputs)
 
 
-@task(name="training_init_optimizer", **STEP_CARD)
+@task(name="training_init_optimizer", task_run_name=init_optimizer_run_name, **STEP_CARD)
 def training_init_optimizer(model: ModelHandle, spec: OptimizerSpec = OptimizerSpec()) -> OptimizerHandle:
     """Initialize Optimizer: adam, adamw, sgd or rmsprop over the model's parameters."""
     optimizer = build_optimizer(spec, model.model)

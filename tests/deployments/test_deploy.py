@@ -111,9 +111,18 @@ def test_the_server_rejects_invalid_parameters_naming_the_field(project: Project
     assert "epochs" in cli.stdout + cli.stderr
 
 
-def test_python_helpers_make_the_same_deployments(project: Project) -> None:
+def test_python_helpers_make_the_same_deployments(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.utilities.templating import apply_values
+
+    from prefect_torch.deployments import retrain_settings
+
+    for name, value in {"PREFECT_TORCH_RETRAIN_DATA": str(project.data_dir), "PREFECT_TORCH_RETRAIN_TARGET": "y",
+                        "PREFECT_TORCH_MODEL_NAME": RETRAIN_MODEL}.items():
+        monkeypatch.setenv(name, value)
     with open(REPO_ROOT / "prefect.yaml") as handle:
-        declared = {d["name"]: d for d in yaml.safe_load(handle)["deployments"]}
+        # As `prefect deploy` renders them with every variable set: the retrain step's outputs filled in.
+        declared = {d["name"]: apply_values(d, {"retrain": retrain_settings()})
+                    for d in yaml.safe_load(handle)["deployments"]}
     specs = [
         train_cpu_deployment(),
         train_gpu_deployment(),

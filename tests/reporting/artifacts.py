@@ -17,9 +17,13 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.sorting import ArtifactSort
 
 
-def run_artifacts(flow_run_id: UUID) -> dict[str, Any]:
+def run_artifacts(flow_run_id: UUID, scope: str | None = None) -> dict[str, Any]:
     """The flow run's keyed artifacts by key (the latest of each key). Unkeyed ones are
-    Prefect's own "result" artifacts describing where persisted card results went."""
+    Prefect's own "result" artifacts describing where persisted card results went.
+
+    With ``scope`` (the ``<flow>-<dataset>-<model>`` every key starts with), by kind:
+    ``train-history`` for ``train-prices-csv-mlp-16-train-history``; a key without the
+    scope fails the test."""
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])),
@@ -29,7 +33,11 @@ def run_artifacts(flow_run_id: UUID) -> dict[str, Any]:
     for artifact in artifacts:
         if artifact.key is not None:
             latest.setdefault(artifact.key, artifact)
-    return latest
+    if scope is None:
+        return latest
+    unscoped = [key for key in latest if not key.startswith(scope + "-")]
+    assert not unscoped, f"artifact keys not scoped by {scope!r}: {unscoped}"
+    return {key.removeprefix(scope + "-"): artifact for key, artifact in latest.items()}
 
 
 def table_data(artifact) -> list[dict[str, Any]]:

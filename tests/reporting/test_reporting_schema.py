@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterator
 
 import pytest
@@ -110,3 +111,26 @@ def test_the_walk_finds_undescribed_fields_at_every_level():
     schema = parameter_schema(_undocumented).model_dump_for_openapi()
     missing = {path for path, field, _ in fields(schema) if not field.get("description")}
     assert missing == {"parameters.spec", "parameters.flag", "_Inner.size"}
+
+
+@pytest.mark.parametrize("name, title", [
+    ("uri", "URI"), ("lr", "Learning rate"), ("min_lr", "Min learning rate"),
+    ("start_timeout_s", "Start timeout (s)"), ("val_fraction", "Validation fraction"),
+    ("early_stopping_patience", "Early stopping patience"), ("kwargs", "Keyword arguments"),
+])
+def test_titles_read_as_a_person_writes_them(name, title):
+    from prefect_torch.engine.spec import human_title
+
+    assert human_title(name) == title
+
+
+def test_the_forms_show_those_titles():
+    titles = {}
+    for flow in FLOWS:
+        schema = parameter_schema(flow).model_dump_for_openapi()
+        titles.update({path: field.get("title") for path, field, _ in fields(schema)})
+    assert titles["DatasetSpec.uri"] == "URI"
+    assert titles["OptimizerSpec.lr"] == "Learning rate"
+    assert titles["SchedulerSpec.min_lr"] == "Min learning rate"
+    assert titles["RoutingSpec.start_timeout_s"] == "Start timeout (s)"
+    assert not [path for path, title in titles.items() if title and re.search(r"\b(Uri|Lr)\b|\bS$", title)]

@@ -42,7 +42,8 @@ def test_scrub_secrets_inside_an_error_message():
 @pytest.mark.parametrize(
     "value, text",
     [(0.012345, "0.01235"), (1.5, "1.5"), (123.456, "123.5"), (12345.6, "12,346"), (3e-6, "3.000e-06"),
-     (42, "42"), (1234567, "1,234,567"), (None, "—"), (float("nan"), "nan"), (float("inf"), "inf"), (0.0, "0")],
+     (42, "42"), (1234567, "1,234,567"), (None, "—"), (float("nan"), "nan"), (float("inf"), "inf"), (0.0, "0"),
+     (253506962.3, "253,506,962"), (9999.7, "10,000"), (0.0246473, "0.02465"), (2.5e12, "2.500e+12")],
 )
 def test_fmt_number(value, text):
     assert fmt_number(value) == text
@@ -57,7 +58,7 @@ def test_fmt_seconds():
 
 def test_table_cells_are_strict_json():
     cells = [table_cell(v) for v in (float("nan"), float("inf"), 0.1234567891, 3, None)]
-    assert cells == ["nan", "inf", 0.123457, 3, None]
+    assert cells == ["nan", "inf", 0.1235, 3, None]
     json.loads(json.dumps(cells, allow_nan=False))
 
 
@@ -65,3 +66,14 @@ def test_markdown_escaping_keeps_table_cells_whole():
     assert "\\|" in md_escape("a|b") and "\n" not in md_escape("a\nb")
     assert md_escape("<script>") == "&lt;script&gt;"
     assert md_code("x`y") == "``x`y``"
+
+
+@pytest.mark.parametrize("value", [253506962.3, 12554.31, 0.025005, 0.0246473, 9999.7, 3.14159e-6, -0.5, 2.5e12, 1.0])
+def test_a_table_cell_holds_the_number_the_markdown_shows(value):
+    # Tables and markdown agree to the digit: the cell is the shown number, commas aside.
+    assert table_cell(value) == float(fmt_number(value).replace(",", ""))
+
+
+def test_every_table_cell_has_the_same_precision():
+    # Four significant digits whatever the magnitude (was 0.025005 next to 0.0246473).
+    assert [table_cell(v) for v in (0.025005, 0.0246473, 1.234567)] == [0.025, 0.02465, 1.235]

@@ -112,7 +112,7 @@ def test_a_failed_run_keeps_its_history_and_names_the_error_in_the_summary():
     assert state.is_failed()
     with pytest.raises(TrainingError):
         state.result()
-    artifacts = run_artifacts(state.state_details.flow_run_id)
+    artifacts = run_artifacts(state.state_details.flow_run_id, scope="diverging-mlp-8")
 
     history = table_data(artifacts["train-history"])
     assert [row["epoch"] for row in history] == [1, 2]
@@ -121,7 +121,7 @@ def test_a_failed_run_keeps_its_history_and_names_the_error_in_the_summary():
     assert "**Failed**: stopped in epoch 3 of 5, after 10 optimizer steps" in summary
     assert "> TrainingError: The training loss became nan at epoch 3, batch 0" in summary
     assert "Lower the learning rate" in summary  # the fix travels with the error
-    assert "| Epochs | 2 of 5 (10 optimizer steps) |" in summary
+    assert "- **Epochs:** 2 of 5 (10 optimizer steps)" in summary
     assert "## Final epoch (2)" in summary
 
     assert "data:image/svg+xml;base64," in artifacts["train-loss-curves"].data
