@@ -412,7 +412,7 @@ def stepwise_train_flow(
     cursor = _Cursor()
     trainer = Trainer(handle.model, opt.live, splits, training,
                       [LogEpochs(logger), _CheckpointAsTask(checkpoints, cursor)])
-    if resume and (state := resume_trainer(checkpoints, trainer)) is not None:
+    if resume and (state := resume_trainer(checkpoints, trainer, log=logger)) is not None:
         # The checkpoint was loaded into the live model and optimizer: both moved on.
         handle = handle.advance("resume", state.step)
         opt = opt.advance("resume")

@@ -92,7 +92,7 @@ def train(
     checkpoints = join(default_checkpoints_root(), checkpoint_key(model.key, optimizer, training))
     trainer = Trainer(module, optim, splits, training,
                       [LogEpochs(logger), report, CheckpointCallback(checkpoints), *(callbacks or [])])
-    resumed = resume_trainer(checkpoints, trainer)
+    resumed = resume_trainer(checkpoints, trainer, log=logger)
     if resumed is not None:
         logger.info("resuming from the checkpoint after %d steps (epoch %d, batch %d) in %s",
                     resumed.step, resumed.epoch + 1, resumed.batch, checkpoints)
