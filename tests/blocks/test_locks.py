@@ -75,6 +75,15 @@ def test_local_locks_live_next_to_the_results(tmp_path):
     assert lock_manager(storage).folder == tmp_path / "store" / "locks"
 
 
+def test_object_storage_locks_are_local_leases_of_this_machine(tmp_path):
+    # So a holder killed on this machine is taken over at once there too.
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    with temporary_settings({PREFECT_HOME: tmp_path / "home"}):
+        locks = lock_manager(TorchStorage(basepath="s3://bucket/prefix"))
+    assert isinstance(locks, LeaseLockManager) and locks.folder.is_relative_to(tmp_path / "home")
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "soon", "1e9", "nan"])
 def test_a_bad_hold_time_is_refused_with_the_fix(monkeypatch, value):
     monkeypatch.setenv("PREFECT_TORCH_LOCK_HOLD_SECONDS", value)
