@@ -169,11 +169,10 @@ def read_checkpoint(
         data, problem = _verified(json_uri, storage_options)
         if data is not None:
             return data
-        older = position + 1 < len(names)
-        log.warning(
-            "Skipping the checkpoint %s: %s. %s", json_uri, problem,
-            "Resuming from the previous one instead." if older else "No intact checkpoint is left: training starts over.",
-        )
+        older = "trying the one before it" if position + 1 < len(names) else "no other checkpoint is left"
+        log.warning("Skipping the checkpoint %s: %s; %s.", json_uri, problem, older)
+    if names:
+        log.warning("No intact checkpoint in %s: training starts over.", uri)
     return None
 
 
