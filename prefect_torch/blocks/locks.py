@@ -132,7 +132,8 @@ class Lease:
         here = _host_identity()
         if not here or (self.host, self.host_id) != (socket.gethostname(), here):
             return False
-        return _process_start(self.pid) != self.started
+        running = _process_start(self.pid)
+        return running is not None and running != self.started
 
     @property
     def dead(self) -> bool:
@@ -187,26 +188,33 @@ def _host_identity() -> str:
     return _host
 
 
-def _process_start(pid: int) -> int:
+def _process_start(pid: int) -> Optional[int]:
     """Start time of process ``pid`` in clock ticks since boot (field 22 of
-    /proc/<pid>/stat); 0 when it does not exist or is a zombie (it holds nothing)."""
+    /proc/<pid>/stat); 0 when it does not exist or is a zombie (it holds nothing);
+    None when it exists but /proc does not show it (``hidepid``): unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
-        return 0
+        try:
+            os.kill(pid, 0)  # signal 0 checks existence only
+        except ProcessLookupError:
+            return 0
+        except OSError:
+            return None  # exists, another user's
+        return None
     # The command name (field 2) may hold spaces and parentheses: split after its last ")".
     fields = stat[stat.rfind(b")") + 2:].split()
     try:
         state, started = fields[0], int(fields[19])  # fields 3 and 22
     except (IndexError, ValueError):
-        return 0
+        return None
     return 0 if state in (b"Z", b"X") else started
 
 
 def _own_start(pid: int) -> int:
     global _own
     if _own[0] != pid:  # computed once per process (a fork gets its own)
-        _own = (pid, _process_start(pid) if _host_identity() else 0)
+        _own = (pid, (_process_start(pid) or 0) if _host_identity() else 0)
     return _own[1]
 
 
