@@ -23,6 +23,18 @@ that a holder whose process is stalled for a while (a long call that keeps the
 GIL, heavy swapping, a loaded CI machine) is not mistaken for a dead one. Set
 ``PREFECT_TORCH_LOCK_HOLD_SECONDS`` to change it (tests use a few seconds).
 
+A holder that dies on the *same host* is not waited for at all. Each lease
+records where its holder runs: the host (host name, the kernel's boot id from
+``/proc/sys/kernel/random/boot_id`` and the PID namespace, so another machine,
+a reboot or another container never counts as the same host), the pid and the
+process's start time (field 22 of ``/proc/<pid>/stat``, so a pid the kernel
+handed to another process since is not taken for the holder). A waiter on the
+same host whose holder's process is gone (or a zombie, or a pid now running
+another process) takes the lease over at once, with the same compare-and-swap
+as an expired one: two waiters never both take it. Leases from other hosts,
+leases without these fields (written by older versions) and hosts without
+``/proc`` still expire by time only.
+
 Expiry compares wall clocks: processes sharing a lock folder on several
 machines need clocks in sync to well under ``hold_seconds`` (NTP does that).
 
@@ -31,8 +43,8 @@ the storage. A local folder serialises its compare-and-swap updates with
 ``fcntl.flock`` on a guard file per lock (short critical sections, released by
 the kernel even when a process dies in one). That needs a filesystem whose
 ``flock`` works across the processes sharing it (local disks do; NFS v4 does).
-Object storage (``s3://``) is not supported by this module yet: see
-``lock_manager``.
+Object storage (``s3://``) keeps its leases in a local folder per machine
+(see ``lock_manager``), so the same-host takeover applies there too.
 
 This module must not import torch: Prefect imports ``prefect_torch.blocks`` on
 every block lookup.
@@ -90,17 +102,43 @@ def hold_seconds() -> float:
 class Lease:
     """What a lock record says: who holds it (Prefect's holder id, and the host and
     process it runs in), until when, and a nonce that changes with every write
-    (the compare-and-swap token)."""
+    (the compare-and-swap token).
+
+    ``host_id`` and ``started`` identify the holder's process beyond its pid:
+    the host's boot id (plus PID namespace) and the process's start time in
+    clock ticks since boot. Empty / 0 in leases of older versions, and on hosts
+    without ``/proc``: such a lease expires by time only.
+    """
 
     holder: str
     expires: float
     nonce: str
     host: str = ""
     pid: int = 0
+    host_id: str = ""
+    started: int = 0
 
     @property
     def expired(self) -> bool:
         return self.expires <= time.time()
+
+    @property
+    def holder_gone(self) -> bool:
+        """The holder ran on this host and its process no longer exists (or is a
+        zombie, or its pid now belongs to another process). False whenever that
+        cannot be known for sure: another host, or a lease without the fields."""
+        if not (self.host_id and self.started > 0 and self.pid > 0):
+            return False
+        here = _host_identity()
+        if not here or (self.host, self.host_id) != (socket.gethostname(), here):
+            return False
+        running = _process_start(self.pid)
+        return running is not None and running != self.started
+
+    @property
+    def dead(self) -> bool:
+        """Free to take over: expired, or its holder died on this host."""
+        return self.expired or self.holder_gone
 
     @property
     def where(self) -> str:
@@ -108,7 +146,8 @@ class Lease:
 
     def encode(self) -> bytes:
         return json.dumps(
-            {"holder": self.holder, "expires": self.expires, "nonce": self.nonce, "host": self.host, "pid": self.pid}
+            {"holder": self.holder, "expires": self.expires, "nonce": self.nonce, "host": self.host, "pid": self.pid,
+             "host_id": self.host_id, "started": self.started}
         ).encode()
 
     @classmethod
@@ -118,14 +157,65 @@ class Lease:
             return cls(
                 holder=str(record["holder"]), expires=float(record["expires"]), nonce=str(record["nonce"]),
                 host=str(record.get("host", "")), pid=int(record.get("pid", 0)),
+                host_id=str(record.get("host_id", "")), started=int(record.get("started", 0)),
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None  # half-written by a process that died: treated as expired
 
 
 def _new_lease(holder: str, hold: float) -> Lease:
+    pid = os.getpid()
     return Lease(holder=holder, expires=time.time() + hold, nonce=uuid.uuid4().hex,
-                 host=socket.gethostname(), pid=os.getpid())
+                 host=socket.gethostname(), pid=pid, host_id=_host_identity(), started=_own_start(pid))
+
+
+_host: Optional[str] = None
+_own: tuple[int, int] = (0, 0)
+
+
+def _host_identity() -> str:
+    """This host's boot id and PID namespace ("" when /proc cannot tell them):
+    equal only for processes that share one kernel boot and one pid space, so a
+    pid recorded by one of them means the same process to the other."""
+    global _host
+    if _host is None:
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+            namespace = os.readlink("/proc/self/ns/pid")
+            _host = f"{boot}/{namespace}" if boot and namespace else ""
+        except OSError:
+            _host = ""
+    return _host
+
+
+def _process_start(pid: int) -> Optional[int]:
+    """Start time of process ``pid`` in clock ticks since boot (field 22 of
+    /proc/<pid>/stat); 0 when it does not exist or is a zombie (it holds nothing);
+    None when it exists but /proc does not show it (``hidepid``): unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        try:
+            os.kill(pid, 0)  # signal 0 checks existence only
+        except ProcessLookupError:
+            return 0
+        except OSError:
+            return None  # exists, another user's
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ")".
+    fields = stat[stat.rfind(b")") + 2:].split()
+    try:
+        state, started = fields[0], int(fields[19])  # fields 3 and 22
+    except (IndexError, ValueError):
+        return None
+    return 0 if state in (b"Z", b"X") else started
+
+
+def _own_start(pid: int) -> int:
+    global _own
+    if _own[0] != pid:  # computed once per process (a fork gets its own)
+        _own = (pid, (_process_start(pid) or 0) if _host_identity() else 0)
+    return _own[1]
 
 
 class _LeaseFolder:
@@ -174,11 +264,12 @@ class _LeaseFolder:
 
     def swap(self, name: str, expected: Optional[Lease], new: Optional[Lease], *, if_expired: bool = False) -> bool:
         """Replace the record by ``new`` (delete it if None) if it still is
-        ``expected`` (None: absent) or, with ``if_expired``, has expired."""
+        ``expected`` (None: absent) or, with ``if_expired``, is dead (expired, or
+        its holder's process is gone from this host), checked under the guard."""
         with self._guarded(name) as path:
             current = self.read(name)
             if if_expired:
-                ok = current is None or current.expired
+                ok = current is None or current.dead
             else:
                 ok = (current is None and expected is None) or (
                     current is not None and expected is not None and current.nonce == expected.nonce
@@ -240,8 +331,9 @@ class LeaseLockManager(LockManager):
         """Take the lease of ``key``, waiting while a live holder has it.
 
         Waits without limit by default (a live holder may train for hours; it
-        renews its lease meanwhile); a dead holder's lease is taken over once it
-        expires, at most ``hold`` seconds after the holder's last renewal.
+        renews its lease meanwhile). A dead holder's lease is taken over at once
+        when it ran on this host, else once it expires, at most ``hold`` seconds
+        after the holder's last renewal.
         """
         name = _lock_name(key)
         hold = hold_timeout or self._hold or hold_seconds()
@@ -255,11 +347,14 @@ class LeaseLockManager(LockManager):
                 taken = self._store.swap(name, current, lease)  # re-entrant: renew our own
             elif current is None:
                 taken = self._store.swap(name, None, lease)
-            elif current.expired:
+            elif current.dead:
                 taken = self._store.swap(name, current, lease, if_expired=True)
-                if taken:
+                if taken and current.expired:
                     _log("warning", f"Took over the lock of {key} from {current.where}: its lease expired "
                          f"{time.time() - current.expires:.1f} s ago, unrenewed (a crashed or killed run).")
+                elif taken:
+                    _log("warning", f"Took over the lock of {key} from {current.where}: that process no "
+                         f"longer runs on this host (a crashed or killed run), so its lease was not waited out.")
             else:
                 taken = False
                 if waited_on != current.holder:
@@ -301,17 +396,17 @@ class LeaseLockManager(LockManager):
 
     def is_locked(self, key: str) -> bool:
         current = self._store.read(_lock_name(key))
-        return current is not None and not current.expired
+        return current is not None and not current.dead
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         current = self._store.read(_lock_name(key))
-        return current is not None and not current.expired and current.holder == holder
+        return current is not None and not current.dead and current.holder == holder
 
     def wait_for_lock(self, key: str, timeout: Optional[float] = None) -> bool:
         """Wait while a live holder has ``key`` (Prefect waits here before reading a result)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         waited_on: Optional[str] = None
-        while (current := self._store.read(_lock_name(key))) is not None and not current.expired:
+        while (current := self._store.read(_lock_name(key))) is not None and not current.dead:
             if waited_on != current.holder:
                 waited_on = current.holder
                 _log_waiting(key, current, self._hold or hold_seconds())
@@ -391,8 +486,9 @@ def _lock_name(key: str) -> str:
 def _log_waiting(key: str, holder: Lease, hold: float) -> None:
     # A run that sits still must say why, or it looks hung.
     _log("info", f"Waiting for the lock of {key}, held by {holder.where}: the same card is "
-         f"computing there; this run reads its result when it is done. A crashed holder's "
-         f"lock expires within {hold:g} s ({HOLD_SECONDS_ENV}).")
+         f"computing there; this run reads its result when it is done. Should that process die, "
+         f"its lock is taken over at once if it ran on this host, else when it expires, within "
+         f"{hold:g} s ({HOLD_SECONDS_ENV}).")
 
 
 def _log(level: str, message: str) -> None:

@@ -6,13 +6,24 @@ numbered checkpoints, each a pair of files::
     ckpt-<step>-e<epoch>-b<batch>.safetensors   every tensor: model, optimizer state,
                                                  scheduler tensors, best weights, RNG
     ckpt-<step>-e<epoch>-b<batch>.json          everything else (optimizer and scheduler
-                                                 structure, LoopState) + SHA-256 of the
-                                                 tensors file
+                                                 structure, LoopState) + one SHA-256
+                                                 digest over this JSON and the tensors
 
-The tensors file is written first and the JSON last, so a JSON only ever names a
-complete tensors file: a process killed mid-write leaves at most an orphan tensors
-file, which is ignored, and the previous checkpoint stays usable. Nothing is
-pickled; reading a checkpoint cannot run code.
+The digest covers both files together (the JSON's canonical form, then the
+tensors' bytes), so a flipped byte or a truncation in either is detected. Each
+file is written atomically (a local write goes to a temporary file, is fsync'ed
+and renamed; an object store PUT is atomic) and the tensors file first, the JSON
+last: a JSON only ever names a complete tensors file, and a process killed
+mid-write leaves at most an orphan tensors file, which is ignored, while the
+previous checkpoint stays usable.
+
+Reading never crashes on a bad checkpoint and never resumes from one: a
+checkpoint that is damaged (unreadable, not JSON, digest mismatch, tensors file
+missing) is logged as a warning naming the file and skipped for the newest
+intact one; with none left, training starts over. Checkpoints of the previous
+format (``format_version`` 1, whose JSON carried no checksum) are treated as
+unverifiable: skipped with a warning, never read. Nothing is pickled; reading a
+checkpoint cannot run code.
 
 Both drivers use this module through the Trainer: ``checkpoint_trainer`` /
 ``resume_trainer`` (and ``CheckpointCallback`` for the fast loop). The lower-level
@@ -23,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +46,13 @@ from torch import nn
 
 from prefect_torch.engine.fileio import is_local, join, read_bytes, write_bytes
 from prefect_torch.engine.loop import Callback, LoopState, Trainer
-from prefect_torch.errors import ConfigError, IntegrityError, StorageError
+from prefect_torch.errors import ConfigError, StorageError
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "prefect-torch-checkpoint"
-FORMAT_VERSION = 1
+# 2: one digest over JSON and tensors together. 1 (tensors_sha256 only) is skipped as unverifiable.
+FORMAT_VERSION = 2
 # The newest checkpoint plus one: a damaged newest file still leaves one to resume from.
 KEEP = 2
 
@@ -79,7 +94,9 @@ def save_checkpoint(
 
     Saves the model's and optimizer's state_dicts, the scheduler's (if any), the
     CPU (and CUDA) RNG state, ``loop_state`` and, for early stopping, the best
-    weights. Older checkpoints beyond the newest ``KEEP`` are pruned afterwards.
+    weights. Afterwards, checkpoints newer than this one (left by an earlier
+    attempt this run did not resume from: damaged, or resume was off) and older
+    ones beyond the newest ``KEEP`` are pruned.
     """
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
     document: dict[str, Any] = {
@@ -94,14 +111,14 @@ def save_checkpoint(
     for key, value in (best_weights or {}).items():
         tensors[f"best.{key}"] = value
     payload = save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-    document["tensors_sha256"] = hashlib.sha256(payload).hexdigest()
+    document["digest"] = _digest(document, payload)
 
     name = f"ckpt-{loop_state.step:010d}-e{loop_state.epoch:06d}-b{loop_state.batch:06d}"
     # Tensors first: the JSON is the commit marker and must only name complete tensors.
     write_bytes(join(uri, name + ".safetensors"), payload, storage_options)
     json_uri = join(uri, name + ".json")
     write_bytes(json_uri, json.dumps(document, indent=1).encode(), storage_options)
-    _prune(uri, storage_options)
+    _prune(uri, name + ".json", storage_options)
     return json_uri
 
 
@@ -129,27 +146,85 @@ class CheckpointCallback(Callback):
 
 
 def latest_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> str | None:
-    """The JSON file of the newest complete checkpoint in the folder ``uri``, if any."""
+    """The JSON file of the newest checkpoint in the folder ``uri``, if any (not verified:
+    ``read_checkpoint`` verifies, and skips damaged ones)."""
     names = _checkpoint_names(uri, storage_options)
     return join(uri, names[-1]) if names else None
 
 
-def read_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> CheckpointData | None:
-    """Read and verify the newest checkpoint in the folder ``uri``; None when there is none."""
-    json_uri = latest_checkpoint(uri, storage_options)
-    if json_uri is None:
-        return None
+def read_checkpoint(
+    uri: str, storage_options: dict[str, Any] | None = None, log: logging.Logger | Any | None = None,
+) -> CheckpointData | None:
+    """The newest intact checkpoint in the folder ``uri``, verified; None when there is none.
+
+    A damaged checkpoint (or one of the unverifiable previous format) is logged as
+    a warning on ``log`` (default: this module's logger) naming its file, and
+    skipped for the next older one. Raises StorageError only when the storage
+    itself cannot be read (not for damaged files).
+    """
+    log = log or logger
+    names = _checkpoint_names(uri, storage_options)
+    for position, name in enumerate(reversed(names)):
+        json_uri = join(uri, name)
+        data, problem = _verified(json_uri, storage_options)
+        if data is not None:
+            return data
+        older = "trying the one before it" if position + 1 < len(names) else "no other checkpoint is left"
+        log.warning("Skipping the checkpoint %s: %s; %s.", json_uri, problem, older)
+    if names:
+        log.warning("No intact checkpoint in %s: training starts over.", uri)
+    return None
+
+
+def _verified(json_uri: str, storage_options: dict[str, Any] | None) -> tuple[CheckpointData | None, str]:
+    """The checkpoint whose JSON is ``json_uri`` if it verifies, else None and why not."""
+    raw = _read_if_there(json_uri, storage_options)
+    if raw is None:
+        return None, "its JSON file vanished"
     try:
-        document = json.loads(read_bytes(json_uri, storage_options))
-    except json.JSONDecodeError as exc:
-        raise IntegrityError(_damaged(json_uri, f"it is not valid JSON ({exc})")) from exc
-    if document.get("format") != FORMAT or document.get("format_version") != FORMAT_VERSION:
-        raise IntegrityError(_damaged(json_uri, "it is not a prefect-torch checkpoint of a known version"))
+        document = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        return None, f"it is damaged: not valid JSON ({type(exc).__name__}: {_first_line(exc)})"
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        return None, "it is damaged: not a prefect-torch checkpoint"
+    version = document.get("format_version")
+    if version == 1:
+        return None, ("it was written by an older prefect-torch (checkpoint format 1) whose JSON carries "
+                      "no checksum, so it cannot be verified")
+    if version != FORMAT_VERSION:
+        return None, f"its format version {version!r} is not one this prefect-torch reads ({FORMAT_VERSION})"
     tensors_uri = json_uri.removesuffix(".json") + ".safetensors"
-    payload = read_bytes(tensors_uri, storage_options)
-    if hashlib.sha256(payload).hexdigest() != document.get("tensors_sha256"):
-        raise IntegrityError(_damaged(tensors_uri, "its SHA-256 does not match the checkpoint's JSON"))
-    return CheckpointData(uri=json_uri, tensors=load_safetensors(payload), document=document)
+    payload = _read_if_there(tensors_uri, storage_options)
+    if payload is None:
+        return None, f"its tensors file {tensors_uri} is missing"
+    expected = document.pop("digest", None)
+    if not isinstance(expected, str) or _digest(document, payload) != expected:
+        return None, "it is damaged or truncated: the SHA-256 over its JSON and tensors does not match the one recorded"
+    try:
+        tensors = load_safetensors(payload)
+        LoopState.from_state_dict(document["loop_state"])
+    except Exception as exc:  # verified bytes that do not decode: written by a broken writer
+        return None, f"it does not decode ({type(exc).__name__}: {_first_line(exc)})"
+    return CheckpointData(uri=json_uri, tensors=tensors, document=document), ""
+
+
+def _digest(document: dict[str, Any], payload: bytes) -> str:
+    """SHA-256 over the document's canonical JSON (without the digest), a NUL
+    (which canonical JSON never holds), then the tensors' bytes."""
+    body = {k: v for k, v in document.items() if k != "digest"}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    digest.update(b"\0")
+    digest.update(payload)
+    return digest.hexdigest()
+
+
+def _read_if_there(uri: str, storage_options: dict[str, Any] | None) -> bytes | None:
+    try:
+        return read_bytes(uri, storage_options)
+    except StorageError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            return None  # pruned by another writer since the listing, or never written
+        raise
 
 
 def load_checkpoint(
@@ -160,13 +235,15 @@ def load_checkpoint(
     *,
     storage_options: dict[str, Any] | None = None,
 ) -> LoopState:
-    """Load the newest checkpoint in ``uri`` into the live objects; returns its LoopState.
+    """Load the newest intact checkpoint in ``uri`` into the live objects; returns its LoopState.
 
     Also restores the global RNG state, so dropout continues exactly where it left off.
     """
     data = read_checkpoint(uri, storage_options)
     if data is None:
-        raise StorageError(f"No checkpoint in {uri}. Train from scratch, or point at the run's checkpoint folder.")
+        raise StorageError(
+            f"No intact checkpoint in {uri}. Train from scratch, or point at the run's checkpoint folder."
+        )
     apply_checkpoint(data, model, optimizer, scheduler)
     return data.loop_state
 
@@ -198,9 +275,12 @@ def apply_checkpoint(data: CheckpointData, model: nn.Module, optimizer: torch.op
     _set_rng_state(_decode(document["rng"], data.tensors))
 
 
-def resume_trainer(uri: str, trainer: Trainer, storage_options: dict[str, Any] | None = None) -> LoopState | None:
-    """Continue a Trainer from the newest checkpoint in ``uri``; None when there is none."""
-    data = read_checkpoint(uri, storage_options)
+def resume_trainer(
+    uri: str, trainer: Trainer, storage_options: dict[str, Any] | None = None, log: logging.Logger | Any | None = None,
+) -> LoopState | None:
+    """Continue a Trainer from the newest intact checkpoint in ``uri``; None when there
+    is none (damaged ones are skipped with a warning on ``log``: see ``read_checkpoint``)."""
+    data = read_checkpoint(uri, storage_options, log)
     if data is None:
         return None
     apply_checkpoint(data, trainer.model, trainer.optimizer, trainer.scheduler)
@@ -308,9 +388,17 @@ def _list(uri: str, storage_options: dict[str, Any] | None) -> list[str]:
         raise StorageError(f"Cannot list checkpoints in {uri}: {type(exc).__name__}: {exc}.") from exc
 
 
-def _prune(uri: str, storage_options: dict[str, Any] | None) -> None:
+def _prune(uri: str, written: str, storage_options: dict[str, Any] | None) -> None:
+    """Keep the ``KEEP`` newest checkpoints up to ``written`` (the one just saved).
+
+    Newer ones go: an earlier attempt left them and this run did not resume from
+    them (damaged, or resume was off). Kept, they would outrank this run's own
+    checkpoints and, once ``KEEP`` of them were damaged, prune every new one."""
     names = _checkpoint_names(uri, storage_options)
-    for name in names[:-KEEP]:
+    if written not in names:
+        return  # listing not up to date (eventually consistent storage): prune next time
+    mine = names.index(written) + 1
+    for name in names[mine:] + names[:mine][:-KEEP]:
         stem = name.removesuffix(".json")
         # JSON first, so a half-pruned checkpoint is never taken for a complete one.
         for suffix in (".json", ".safetensors"):
@@ -330,13 +418,6 @@ def _remove(uri: str, storage_options: dict[str, Any] | None) -> None:
         fs.rm(path)
     except FileNotFoundError:
         pass
-
-
-def _damaged(uri: str, why: str) -> str:
-    return (
-        f"The checkpoint {uri} cannot be used: {why}. Delete it to resume from the previous "
-        "checkpoint, or start afresh (resume=False)."
-    )
 
 
 def _first_line(exc: BaseException) -> str:

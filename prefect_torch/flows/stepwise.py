@@ -486,7 +486,7 @@ def stepwise_train_flow(
                             model_note="saved by this flow's model_save task; see the model card")
     trainer = Trainer(handle.model, opt.live, splits, training,
                       [LogEpochs(logger), report, _CheckpointAsTask(checkpoints, cursor)])
-    if resume and (state := resume_trainer(checkpoints, trainer)) is not None:
+    if resume and (state := resume_trainer(checkpoints, trainer, log=logger)) is not None:
         # The checkpoint was loaded into the live model and optimizer: both moved on.
         handle = handle.advance("resume", state.step)
         opt = opt.advance("resume")

@@ -99,7 +99,7 @@ def train(
         optim = build_optimizer(optimizer, module.to(_device(training)))
         trainer = Trainer(module, optim, splits, training,
                           [LogEpochs(logger), report, CheckpointCallback(checkpoints), *(callbacks or [])])
-        resumed = resume_trainer(checkpoints, trainer)
+        resumed = resume_trainer(checkpoints, trainer, log=logger)
         if resumed is not None:
             logger.info("resuming from the checkpoint after %d steps (epoch %d, batch %d) in %s",
                         resumed.step, resumed.epoch + 1, resumed.batch, checkpoints)

@@ -1,11 +1,18 @@
 """Leased locks: a live holder keeps its lease past the hold time, a dead one loses
-it after the hold time, and the lease length is validated."""
+it after the hold time (at once when it died on this host), and the lease length
+is validated."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +75,15 @@ def test_local_locks_live_next_to_the_results(tmp_path):
     assert lock_manager(storage).folder == tmp_path / "store" / "locks"
 
 
+def test_object_storage_locks_are_local_leases_of_this_machine(tmp_path):
+    # So a holder killed on this machine is taken over at once there too.
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    with temporary_settings({PREFECT_HOME: tmp_path / "home"}):
+        locks = lock_manager(TorchStorage(basepath="s3://bucket/prefix"))
+    assert isinstance(locks, LeaseLockManager) and locks.folder.is_relative_to(tmp_path / "home")
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "soon", "1e9", "nan"])
 def test_a_bad_hold_time_is_refused_with_the_fix(monkeypatch, value):
     monkeypatch.setenv("PREFECT_TORCH_LOCK_HOLD_SECONDS", value)
@@ -80,3 +96,113 @@ def test_the_hold_time_defaults_to_a_minute(monkeypatch):
     assert hold_seconds() == 60.0
     monkeypatch.setenv("PREFECT_TORCH_LOCK_HOLD_SECONDS", "2.5")
     assert hold_seconds() == 2.5
+
+
+# -- a holder that died on this host is not waited for ------------------------------
+
+HOLD_IN_SUBPROCESS = """
+import sys, time
+from prefect_torch.blocks.locks import LeaseLockManager
+assert LeaseLockManager(sys.argv[1], hold=600).acquire_lock("k", "doomed-run")
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def this_host_lease(tmp_path, pid: int, started: int, *, expires_in: float = 600, host_id: str | None = None) -> None:
+    """A lease as a process ``pid`` (started at ``started``) on this host would write it."""
+    from prefect_torch.blocks.locks import _host_identity
+
+    (tmp_path / "k.lock").write_text(json.dumps({
+        "holder": "other-run", "expires": time.time() + expires_in, "nonce": "n", "host": socket.gethostname(),
+        "pid": pid, "host_id": _host_identity() if host_id is None else host_id, "started": started,
+    }))
+
+
+def start_time(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(stat[stat.rfind(b")") + 2:].split()[19])
+
+
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_a_lock_of_a_process_killed_on_this_host_is_taken_over_before_its_lease_expires(tmp_path, reaped):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_IN_SUBPROCESS, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        lease = json.loads((tmp_path / "k.lock").read_text())
+        assert lease["pid"] == holder.pid and lease["started"] > 0
+        locks = LeaseLockManager(tmp_path, hold=600)
+        assert locks.is_locked("k") and not locks.acquire_lock("k", "run-b", acquire_timeout=0.3)
+
+        os.kill(holder.pid, signal.SIGKILL)
+        if reaped:
+            holder.wait()  # else it stays a zombie until the end of the test
+        assert locks.acquire_lock("k", "run-b", acquire_timeout=60)
+        # Taken over while the dead holder's lease still had most of its 600 s to run.
+        assert time.time() < lease["expires"] - 300
+        assert locks.is_lock_holder("k", "run-b")
+        locks.release_lock("k", "run-b")
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+@pytest.mark.parametrize("where", ["another-boot", "another-host"])
+def test_a_lease_from_another_host_is_waited_out(tmp_path, where):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # a pid that no longer runs here
+    this_host_lease(tmp_path, dead_pid, 12345, expires_in=1.0,
+                    host_id="another-boot-id/pid:[1]" if where == "another-boot" else None)
+    if where == "another-host":
+        lease = json.loads((tmp_path / "k.lock").read_text())
+        (tmp_path / "k.lock").write_text(json.dumps({**lease, "host": "not-" + lease["host"]}))
+    expires = json.loads((tmp_path / "k.lock").read_text())["expires"]
+
+    locks = LeaseLockManager(tmp_path, hold=5)
+    assert locks.is_locked("k") and not locks.acquire_lock("k", "run-b", acquire_timeout=0.3)
+    assert locks.acquire_lock("k", "run-b", acquire_timeout=30)
+    assert time.time() >= expires  # only once it expired
+    locks.release_lock("k", "run-b")
+
+
+def test_a_pid_now_running_another_process_counts_as_dead(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        locks = LeaseLockManager(tmp_path, hold=5)
+        # The recorded start time is the live process's own: that is the holder, alive.
+        this_host_lease(tmp_path, other.pid, start_time(other.pid))
+        assert not locks.acquire_lock("k", "run-b", acquire_timeout=0.3)
+        assert not locks.wait_for_lock("k", timeout=0.2)
+
+        # Same pid, another start time: the holder died and the kernel reused its pid.
+        this_host_lease(tmp_path, other.pid, start_time(other.pid) + 1)
+        expires = json.loads((tmp_path / "k.lock").read_text())["expires"]
+        assert not locks.is_locked("k") and locks.wait_for_lock("k", timeout=0)
+        assert locks.acquire_lock("k", "run-b", acquire_timeout=60)
+        assert time.time() < expires - 300 and locks.is_lock_holder("k", "run-b")
+        locks.release_lock("k", "run-b")
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_dead_holder_is_taken_over_by_one_waiter_only(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    this_host_lease(tmp_path, int(gone.stdout), 12345)
+    barrier = threading.Barrier(4)
+    won: list[str] = []
+
+    def contend(name: str) -> None:
+        barrier.wait()
+        if LeaseLockManager(tmp_path, hold=600).acquire_lock("k", name, acquire_timeout=1.0):
+            won.append(name)
+
+    threads = [threading.Thread(target=contend, args=(f"run-{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1
+    LeaseLockManager(tmp_path, hold=600).release_lock("k", won[0])

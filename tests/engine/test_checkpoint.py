@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -21,7 +22,7 @@ from prefect_torch.engine.loop import Callback, LoopState, Trainer, TrainSpec
 from prefect_torch.engine.models import ModelSpec, build_model
 from prefect_torch.engine.optim import OptimizerSpec, SchedulerSpec, build_optimizer, build_scheduler
 from prefect_torch.engine.split import SplitSpec, split_table
-from prefect_torch.errors import ConfigError, IntegrityError, StorageError
+from prefect_torch.errors import ConfigError, StorageError
 
 MODEL = ModelSpec(hidden=[16, 16], dropout=0.25)
 TRAINING = TrainSpec(
@@ -120,16 +121,109 @@ def test_a_tensors_file_without_its_json_is_ignored(splits, tmp_path):
     assert resume_trainer(str(tmp_path), new_trainer(splits)).step == 1
 
 
-def test_a_damaged_checkpoint_is_refused_with_the_way_out(splits, tmp_path):
-    trainer = new_trainer(splits)
-    save_checkpoint(str(tmp_path), trainer.model, trainer.optimizer, trainer.scheduler, LoopState(step=1))
-    tensors = next(tmp_path.glob("*.safetensors"))
-    data = bytearray(tensors.read_bytes())
-    data[-1] ^= 0xFF
-    tensors.write_bytes(bytes(data))
+def flip_middle_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
 
-    with pytest.raises(IntegrityError, match=r"SHA-256 does not match.*resume=False"):
-        resume_trainer(str(tmp_path), new_trainer(splits))
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def edit_json(path):
+    document = json.loads(path.read_text())
+    document["loop_state"]["step"] += 1  # still valid JSON, but not what was written
+    path.write_text(json.dumps(document))
+
+
+def two_checkpoints(splits, folder):
+    trainer = new_trainer(splits)
+    for step in (1, 2):
+        save_checkpoint(str(folder), trainer.model, trainer.optimizer, trainer.scheduler, LoopState(step=step))
+    return folder / "ckpt-0000000002-e000000-b000000"
+
+
+@pytest.mark.parametrize(
+    ("damage", "suffix"),
+    [(flip_middle_byte, ".json"), (edit_json, ".json"), (truncate, ".json"),
+     (flip_middle_byte, ".safetensors"), (truncate, ".safetensors")],
+    ids=["json-byte-flipped", "json-edited", "json-truncated", "tensors-byte-flipped", "tensors-truncated"],
+)
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_intact_one(splits, tmp_path, caplog, damage, suffix):
+    newest = two_checkpoints(splits, tmp_path)
+    damage(newest.with_suffix(suffix))
+
+    with caplog.at_level("WARNING", logger="prefect_torch.engine.checkpoint"):
+        state = resume_trainer(str(tmp_path), new_trainer(splits))
+
+    assert state.step == 1
+    assert f"Skipping the checkpoint {newest}.json" in caplog.text
+    assert "trying the one before it" in caplog.text and "starts over" not in caplog.text
+
+
+def test_with_every_checkpoint_damaged_training_starts_over(splits, tmp_path, caplog):
+    newest = two_checkpoints(splits, tmp_path)
+    flip_middle_byte(newest.with_suffix(".safetensors"))
+    truncate(tmp_path / "ckpt-0000000001-e000000-b000000.json")
+
+    with caplog.at_level("WARNING", logger="prefect_torch.engine.checkpoint"):
+        assert resume_trainer(str(tmp_path), new_trainer(splits)) is None
+    assert caplog.text.count("Skipping the checkpoint") == 2 and "training starts over" in caplog.text
+    with pytest.raises(StorageError, match="No intact checkpoint"):
+        load_checkpoint(str(tmp_path), *(lambda t: (t.model, t.optimizer, t.scheduler))(new_trainer(splits)))
+
+
+def test_a_tensors_file_missing_under_its_json_is_skipped(splits, tmp_path):
+    newest = two_checkpoints(splits, tmp_path)
+    newest.with_suffix(".safetensors").unlink()
+    assert resume_trainer(str(tmp_path), new_trainer(splits)).step == 1
+
+
+def test_a_checkpoint_of_the_previous_format_is_skipped_as_unverifiable(splits, tmp_path, caplog):
+    newest = two_checkpoints(splits, tmp_path)
+    # Format 1: the same files, with a checksum over the tensors only.
+    document = json.loads(newest.with_suffix(".json").read_text())
+    del document["digest"]
+    document["format_version"] = 1
+    document["tensors_sha256"] = hashlib.sha256(newest.with_suffix(".safetensors").read_bytes()).hexdigest()
+    newest.with_suffix(".json").write_text(json.dumps(document))
+
+    with caplog.at_level("WARNING", logger="prefect_torch.engine.checkpoint"):
+        assert resume_trainer(str(tmp_path), new_trainer(splits)).step == 1
+    assert "checkpoint format 1" in caplog.text and "cannot be verified" in caplog.text
+
+
+def test_a_run_resumed_past_a_damaged_checkpoint_replaces_it(splits, tmp_path):
+    # 84 rows in batches of 16, in pairs: 3 steps an epoch, checkpoints at 2, 3, 4, 6, 8, 9.
+    crashing = new_trainer(splits, [CheckpointCallback(str(tmp_path)), CrashAtStep(9)])
+    with pytest.raises(Crash):
+        crashing.fit()
+    names = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert names == ["ckpt-0000000006-e000002-b000000.json", "ckpt-0000000008-e000002-b000004.json"]
+    flip_middle_byte(tmp_path / names[1].replace(".json", ".safetensors"))
+
+    resumed = new_trainer(splits, [CheckpointCallback(str(tmp_path))])
+    assert resume_trainer(str(tmp_path), resumed).step == 6
+    resumed.fit()
+    uninterrupted = new_trainer(splits)
+    uninterrupted.fit()
+
+    assert all(torch.equal(v, uninterrupted.model.state_dict()[k]) for k, v in resumed.model.state_dict().items())
+    # The damaged one was pruned (or rewritten): what is left verifies.
+    assert resume_trainer(str(tmp_path), new_trainer(splits)).step == uninterrupted.state.step
+
+
+def test_a_checkpoint_left_newer_than_the_one_just_written_is_pruned(splits, tmp_path):
+    newest = two_checkpoints(splits, tmp_path)
+    flip_middle_byte(newest.with_suffix(".json"))
+    trainer = new_trainer(splits)
+    save_checkpoint(str(tmp_path), trainer.model, trainer.optimizer, trainer.scheduler, LoopState(step=1, batch=1))
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt-0000000001-e000000-b000000.json", "ckpt-0000000001-e000000-b000000.safetensors",
+        "ckpt-0000000001-e000000-b000001.json", "ckpt-0000000001-e000000-b000001.safetensors",
+    ]
 
 
 def test_a_checkpoint_of_another_optimizer_is_refused(splits, tmp_path):
@@ -153,7 +247,7 @@ def test_a_checkpoint_of_another_model_is_refused(splits, tmp_path):
 
 def test_loading_from_an_empty_folder_says_there_is_nothing_to_resume(tmp_path):
     model = torch.nn.Linear(2, 1)
-    with pytest.raises(StorageError, match="No checkpoint"):
+    with pytest.raises(StorageError, match="No intact checkpoint"):
         load_checkpoint(str(tmp_path / "none"), model, build_optimizer(OptimizerSpec(), model), None)
     assert resume_trainer(str(tmp_path / "none"), None) is None
 

@@ -1,5 +1,6 @@
 """Identical cards started at once in separate processes compute once; a lock
-holder killed with SIGKILL blocks the next run for at most its lease.
+holder killed with SIGKILL on the same host is taken over at once, its lease
+not waited out.
 
 Each test starts real ``train_flow`` runs in fresh processes that share one
 Prefect API (the session harness), one Prefect home (so one result storage and
@@ -117,13 +118,11 @@ def test_identical_runs_started_together_train_once(shared):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-HOLD_SECONDS = 3.0
-# The lease expires at most HOLD_SECONDS after the killed holder's last renewal;
-# the waiter looks every 0.1 s. The slack covers a loaded CI machine.
-TAKEOVER_BOUND_S = HOLD_SECONDS + 2.0
+# Far longer than the test may take: the dead holder's lease must not be waited out.
+HOLD_SECONDS = 900.0
 
 
-def test_a_killed_lock_holder_blocks_the_next_run_only_for_its_lease(shared):
+def test_a_killed_lock_holder_on_this_host_is_taken_over_at_once(shared):
     data, env, tmp = shared
     env = {**env, "PREFECT_TORCH_LOCK_HOLD_SECONDS": str(HOLD_SECONDS)}
     runs = [start_run(params(data, tmp / f"model-{i}"), env, tmp / f"run-{i}.log") for i in range(2)]
@@ -143,17 +142,15 @@ def test_a_killed_lock_holder_blocks_the_next_run_only_for_its_lease(shared):
         assert waiting == [waiter]
 
         os.killpg(holder.pid, signal.SIGKILL)  # mid-training: no cleanup, the lock file stays
-        killed = time.monotonic()
         holder.popen.wait(timeout=30)
-        assert train_lease(tmp / "home")["holder"] == lease["holder"]
 
-        # The waiter takes the lease over once it expires, within the bound.
+        # The waiter sees the holder's process is gone and takes the lease over.
         while (current := train_lease(tmp / "home")) is None or holder_pid(current) != waiter.pid:
             assert waiter.popen.poll() is None, waiter.log_tail()
-            assert time.monotonic() - killed < 60, "the dead holder's lock was never taken over"
+            assert time.time() < lease["expires"], "the dead holder's lease was waited out"
             time.sleep(0.05)
-        took_over = time.monotonic() - killed
-        assert took_over <= TAKEOVER_BOUND_S, f"took {took_over:.1f} s, bound {TAKEOVER_BOUND_S} s"
+        # ...while the dead holder's lease still had most of its time to run.
+        assert time.time() < lease["expires"] - HOLD_SECONDS / 2
 
         result = outcome(waiter, timeout=240)
     finally:
@@ -161,5 +158,5 @@ def test_a_killed_lock_holder_blocks_the_next_run_only_for_its_lease(shared):
             run.stop()
     # The survivor trained itself (nothing was cached by the killed run) and finished.
     assert result["cards"]["train"] == "Completed" and result["cards"]["evaluate"] == "Completed"
-    assert "Took over the lock of train-" in waiter.log_path.read_text(errors="replace")
+    assert "no longer runs on this host" in waiter.log_path.read_text(errors="replace")
     assert not list((tmp / "home" / "prefect-torch" / "locks").glob("train-*.lock"))  # released
