@@ -51,3 +51,17 @@ class TrainFlowResult(BaseModel, Recordable):
     device: str = Field(description="Device the model trained on.")
     steps: int = Field(description="Optimizer steps taken.")
     train_seconds: float = Field(description="Wall time of the training loop.")
+
+
+class TrialLink(Spec):
+    """The Optuna trial a training run reports its epochs to, so the sweep's pruner can
+    stop it; set by ``sweep_flow`` when it sends a trial to a work pool."""
+
+    study_name: str = Field(description="Name of the Optuna study the trial belongs to.")
+    trial_number: int = Field(ge=0, description="Number of the trial within its study.")
+    storage_block: str | None = Field(
+        default=None,
+        description="Saved Torch Sweep Storage block holding the study; the SQLite file under the "
+        "worker's Prefect home when empty (only when the worker shares this machine's Prefect home).",
+    )
+    metric: str = Field(default="val_loss", description="Validation metric reported each epoch: val_loss, r2 or accuracy.")
