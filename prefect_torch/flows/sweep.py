@@ -66,22 +66,12 @@ from prefect_torch.engine.search import (
 )
 from prefect_torch.engine.spec import Spec
 from prefect_torch.errors import ConfigError, TrainingError
-from prefect_torch.flows.params import DatasetSpec, TrialLink
+from prefect_torch.flows.params import DatasetSpec, PrunerSpec, TrialLink
 
 # The thread pool is larger than any parallelism: the sweep itself keeps at most
 # ``parallel`` trials in flight, so the pool never queues one behind another.
 _MAX_PARALLEL = 64
 _STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
-
-
-class PrunerSpec(Spec):
-    """How poor trials are stopped early: Optuna's median pruner, or none."""
-
-    name: Literal["median", "none"] = Field(
-        default="median", description="median: stop a trial whose epoch is worse than the median of earlier trials."
-    )
-    startup_trials: int = Field(default=5, ge=0, description="Trials that finish before any is pruned.")
-    warmup_epochs: int = Field(default=0, ge=0, description="Epochs of each trial before it may be pruned.")
 
 
 class SweepSpec(Spec):
@@ -200,10 +190,7 @@ def open_study(name: str, url: str, spec: SweepSpec):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=spec.pruner.startup_trials, n_warmup_steps=spec.pruner.warmup_epochs)
-        if spec.pruner.name == "median" else optuna.pruners.NopPruner()
-    )
+    pruner = spec.pruner.build()
     storage = _rdb_storage(url, spec.heartbeat_s)
     study = optuna.create_study(
         study_name=name, storage=storage, load_if_exists=True,
@@ -223,7 +210,7 @@ def remote_trial(link: TrialLink):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(sweep_database(link.storage_block), engine_kwargs={"pool_pre_ping": True})
-    study = optuna.load_study(study_name=link.study_name, storage=storage)
+    study = optuna.load_study(study_name=link.study_name, storage=storage, pruner=link.pruner.build())
     trial_id = storage.get_trial_id_from_study_id_trial_number(
         storage.get_study_id_from_name(link.study_name), link.trial_number
     )
@@ -470,7 +457,8 @@ def sweep_flow(
                 run_here.append(trial.number)
                 if sweep.deployment:
                     link = TrialLink(study_name=name, trial_number=trial.number,
-                                     storage_block=sweep.study_storage_block, metric=sweep.metric)
+                                     storage_block=sweep.study_storage_block, metric=sweep.metric,
+                                     pruner=sweep.pruner)
                     future = run_trial_on_pool.submit(trial.number, link, params, dataset, model, optimizer,
                                                       training, sweep, storage_block)
                     trained_with = None
