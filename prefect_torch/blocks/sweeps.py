@@ -31,12 +31,12 @@ class SweepStorage(Block):
     sweeps shared by many machines, or SQLite for one).
 
     Example:
-        Save the database once, then name it in every sweep:
+        Save the database once (``SweepStorage(url="postgresql://...").save("BLOCK_NAME")``),
+        then name it in every sweep (``--study-storage-block BLOCK_NAME``), or load it:
         ```python
         from prefect_torch.blocks import SweepStorage
 
-        SweepStorage(url="postgresql://optuna:PASSWORD@db:5432/optuna").save("sweeps")
-        # prefect-torch sweep data.csv --target y --space space.yaml --storage-block sweeps
+        storage = SweepStorage.load("BLOCK_NAME")
         ```
     """
 
