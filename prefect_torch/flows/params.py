@@ -83,4 +83,4 @@ class TrialLink(Spec):
         "worker's Prefect home when empty (only when the worker shares this machine's Prefect home).",
     )
     metric: str = Field(default="val_loss", description="Validation metric reported each epoch: val_loss, r2 or accuracy.")
-    pruner: PrunerSpec = Field(default=PrunerSpec(), description="The sweep's pruner, which decides whether to stop the run.")
+    pruner: PrunerSpec = Field(default=PrunerSpec(), title="Pruner", description="The sweep's pruner, which decides whether to stop the run.")

@@ -86,7 +86,7 @@ class SweepSpec(Spec):
         default="auto", description="minimize or maximize the metric; auto: maximize r2/accuracy, minimize val_loss."
     )
     seed: int = Field(default=0, ge=0, description="Seed of the TPE sampler.")
-    pruner: PrunerSpec = Field(default=PrunerSpec(), description="Which trials are stopped early.")
+    pruner: PrunerSpec = Field(default=PrunerSpec(), title="Pruner", description="Which trials are stopped early.")
     deployment: str | None = Field(
         default=None,
         description="Run each trial as a flow run of this deployment on its work pool, e.g. "
