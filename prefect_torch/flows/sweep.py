@@ -65,7 +65,7 @@ from prefect_torch.engine.search import (
     trial_value,
 )
 from prefect_torch.engine.spec import Spec
-from prefect_torch.errors import ConfigError, TrainingError
+from prefect_torch.errors import ConfigError, DeviceError, TrainingError
 from prefect_torch.flows.params import DatasetSpec, PrunerSpec, TrialLink
 
 # The thread pool is larger than any parallelism: the sweep itself keeps at most
@@ -165,7 +165,7 @@ def study_name_for(
         "metric": metric, "direction": direction,
     }
     digest = hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()
-    return f"sweep-{data_key[:8]}-{digest[:16]}"
+    return f"sweep-{data_key.rsplit('-', 1)[-1][:8]}-{digest[:16]}"
 
 
 def _rdb_storage(url: str, heartbeat_s: int):
@@ -417,6 +417,12 @@ def sweep_flow(
 
     logger = get_run_logger()
     space = check_sweep(space, model, optimizer, training, sweep)
+    if sweep.deployment:
+        from prefect_torch.deployments.runs import check_deployment_available
+
+        problem = check_deployment_available(sweep.deployment)
+        if problem is not None:  # before the study gets trials no worker will run
+            raise DeviceError(f"The sweep's trials go to {sweep.deployment!r}, but: {problem}")
     load, split = persisted_in(None, data_load, data_split)
     splits = split(load(dataset.load_spec()), dataset.split_spec())
     problem = splits.info.problem

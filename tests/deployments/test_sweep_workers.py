@@ -34,7 +34,7 @@ def distributed_sweep(prefect_server_postgres: PrefectServer, tmp_path_factory: 
     noisy_linear(300, noise=0.3, seed=4).to_csv(data, index=False)
     models = tmp_path_factory.mktemp("sweep-models")
     with postgres_database(prefix="optuna_") as asyncpg_url:
-        study_url = asyncpg_url.replace("postgresql+asyncpg://", "postgresql://")
+        study_url = asyncpg_url.replace("postgresql+asyncpg://", "postgresql://")  # as a user writes it
         server.python(textwrap.dedent(f"""
             from prefect_torch.blocks import SweepStorage, TorchStorage
             from prefect_torch.deployments import apply_deployments, ensure_work_pools, train_cpu_deployment
@@ -45,15 +45,15 @@ def distributed_sweep(prefect_server_postgres: PrefectServer, tmp_path_factory: 
         """), timeout=300)
         worker_env = {"PREFECT_TORCH_STORAGE_BLOCK": MODELS_BLOCK, "PREFECT_WORKER_QUERY_SECONDS": "2"}
         with ExitStack() as stack:
-            # One flow run at a time each: two trials at once need both workers.
-            workers = [stack.enter_context(prefect_worker(server, "cpu", limit=1, extra_env=worker_env))
+            # Two flow runs at a time each: four trials at once need both workers.
+            workers = [stack.enter_context(prefect_worker(server, "cpu", limit=2, extra_env=worker_env))
                        for _ in range(2)]
             ran = server.python(textwrap.dedent(f"""
                 from prefect_torch.flows.sweep import PrunerSpec, SweepSpec, sweep_flow
                 result = sweep_flow(
                     dataset={{"uri": {str(data)!r}, "target": "y"}},
                     space={{"lr": {{"log_uniform": [1e-3, 1e-1]}}, "hidden": {{"choice": [[8], [16]]}}}},
-                    sweep=SweepSpec(trials={TRIALS}, parallel=2, seed=5, pruner=PrunerSpec(name="none"),
+                    sweep=SweepSpec(trials={TRIALS}, parallel=4, seed=5, pruner=PrunerSpec(name="none"),
                                     deployment="pool-train/train-cpu", study_storage_block={STUDY_BLOCK!r},
                                     start_timeout_s=240, timeout_s=400),
                     training={{"epochs": {EPOCHS}, "batch_size": 32}},
@@ -63,7 +63,8 @@ def distributed_sweep(prefect_server_postgres: PrefectServer, tmp_path_factory: 
             """), timeout=900)
             result = json.loads(ran.stdout.strip().splitlines()[-1])
             logs = {w.name: Path(w.process.log_path).read_text() for w in workers}
-        yield server, result, optuna.load_study(study_name=result["study_name"], storage=study_url), logs, models
+        study = optuna.load_study(study_name=result["study_name"], storage=study_url.replace("postgresql://", "postgresql+psycopg://"))
+        yield server, result, study, logs, models
 
 
 def test_every_trial_completes_on_the_pool(distributed_sweep) -> None:
