@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
@@ -447,7 +447,7 @@ def sweep_flow(
     inflight: dict[Any, tuple[Any, int, float, TrainSpec | None]] = {}
     cards = persisted_in(None, model_define, train)
     launched = 0
-    threads = _shared_torch_threads(sweep.parallel) if not sweep.deployment else _nothing()
+    threads = _shared_torch_threads(sweep.parallel) if not sweep.deployment else nullcontext()
     with threads, _heartbeats(storage, sweep.heartbeat_s) as beating:
         while launched < remaining or inflight:
             # Keep `parallel` trials running.
@@ -491,11 +491,6 @@ def sweep_flow(
                          run_here=run_here)
     _publish(result, study, logger)
     return result
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def _outcome(future, started: float, training: TrainSpec | None, metric: str) -> TrialOutcome | BaseException:
