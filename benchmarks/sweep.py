@@ -9,7 +9,7 @@
   seed and training; a different training seed per sweep so no trial is a cache
   hit of the other sweep's), and the speed-up.
 
-    python benchmarks/sweep.py [--rows 20000] [--epochs 4] [--trials 4]
+    python benchmarks/sweep.py [--rows 60000] [--epochs 4] [--trials 4]
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def timed_sweep(dataset: DatasetSpec, trials: int, parallel: int, model: ModelSp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--rows", type=int, default=60000)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--trials", type=int, default=4, help="trials of the overhead comparison")
     parser.add_argument("--skip-parallel", action="store_true")
