@@ -1,4 +1,4 @@
-"""The ``prefect-torch`` command: train, predict, demo, pools.
+"""The ``prefect-torch`` command: train, predict, demo, sweep, pools.
 
 User errors (bad data, bad options) print one clear message and exit with
 status 2; ``--debug`` shows the traceback too.
@@ -86,6 +86,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dataset", choices=sorted(DEMO_DATASETS), default="housing")
     _add_training_options(demo)
 
+    sweep = commands.add_parser("sweep", help="search hyperparameters: an Optuna study whose trials are training runs")
+    sweep.add_argument("data", help="path or URL (s3://...) of a CSV or Parquet file")
+    sweep.add_argument("--target", required=True, help="column to predict")
+    sweep.add_argument("--features", type=_csv_names, default=None, help="feature columns (default: all others)")
+    sweep.add_argument("--format", choices=["auto", "csv", "parquet"], default="auto")
+    sweep.add_argument("--space", required=True,
+                       help="YAML or JSON file: field name -> {log_uniform|uniform|int: [lo, hi]} or {choice: [...]}")
+    sweep.add_argument("--trials", type=int, default=20, help="trials the study should have finished")
+    sweep.add_argument("--parallel", type=int, default=1, help="trials at the same time")
+    sweep.add_argument("--metric", default="val_loss", help="val_loss (default), r2 or accuracy, on the validation split")
+    sweep.add_argument("--direction", choices=["auto", "min", "max"], default="auto",
+                       help="minimise or maximise the metric (auto: max for r2/accuracy, min for val_loss)")
+    sweep.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler")
+    sweep.add_argument("--pruner", choices=["median", "none"], default="median")
+    sweep.add_argument("--pruner-startup", type=int, default=5, help="trials that finish before any is pruned")
+    sweep.add_argument("--deployment", default=None,
+                       help="run trials as flow runs of this deployment on its work pool, e.g. pool-train/train-cpu")
+    sweep.add_argument("--study-storage-block", default=None,
+                       help="saved Torch Sweep Storage block (PostgreSQL URL) holding the study")
+    sweep.add_argument("--storage-block", default=None, help="saved Torch Storage block for the models")
+    sweep.add_argument("--heartbeat-s", type=int, default=10,
+                       help="seconds between trial heartbeats; a killed sweep's trials are retried after 3")
+    sweep.add_argument("--model-name", default=None, help="register the best model under this name")
+    _add_training_options(sweep)
+
     pools = commands.add_parser("pools", help="work pools for deployments")
     pool_commands = pools.add_subparsers(dest="pools_command", required=True)
     create = pool_commands.add_parser(
@@ -157,6 +182,66 @@ def _run_training(args: argparse.Namespace, uri: str, target: str) -> int:
         from prefect_torch.flows import train_flow as chosen
     result = run_cli_flow(chosen, **parameters)
     _report(result, args.json)
+    return 0
+
+
+def _read_space(path: str) -> Any:
+    """The search space file: YAML (JSON is YAML too)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise _UsageError(f"Cannot read the search space file {path}: {exc.strerror or exc}.") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise _UsageError(f"The search space file {path} is not valid YAML or JSON{line}.") from None
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from prefect_torch.flows.sweep import PrunerSpec, SweepSpec, check_sweep
+
+    parameters = _validated(_flow_parameters(args, args.data, args.target))
+    direction = {"auto": "auto", "min": "minimize", "max": "maximize"}[args.direction]
+    spec = SweepSpec(
+        trials=args.trials, parallel=args.parallel, metric=args.metric, direction=direction, seed=args.sampler_seed,
+        pruner=PrunerSpec(name=args.pruner, startup_trials=args.pruner_startup), deployment=args.deployment,
+        study_storage_block=args.study_storage_block, heartbeat_s=args.heartbeat_s,
+    )
+    # Refuse typos and impossible ranges before Prefect starts, let alone a trial.
+    space = check_sweep(_read_space(args.space), parameters["model"], parameters["optimizer"],
+                        parameters["training"], spec)
+    from prefect_torch.flows.sweep import sweep_flow
+    from prefect_torch.runtime import run_cli_flow
+
+    result = run_cli_flow(
+        sweep_flow, dataset=parameters["dataset"], space=space, sweep=spec, model=parameters["model"],
+        optimizer=parameters["optimizer"], training=parameters["training"], storage_block=args.storage_block,
+        model_name=args.model_name,
+    )
+    best = result.best
+    counts: dict[str, int] = {}
+    for trial in result.trials:
+        counts[trial.state] = counts.get(trial.state, 0) + 1
+    lines = [f"study {result.study_name}: " + ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())),
+             f"best trial {best.number}: {result.metric} {best.value:.6g} with "
+             + ", ".join(f"{k}={json.dumps(v)}" for k, v in best.params.items())]
+    lines += [f"  {name:<9} {value:.4f}" for name, value in best.metrics.items()]
+    lines.append(f"model saved to {best.model_uri}")
+    print("\n".join(lines), flush=True)
+    if args.json:
+        summary = {
+            "study": result.study_name, "metric": result.metric, "direction": result.direction,
+            "best": {"number": best.number, "params": best.params, "value": best.value, "metrics": best.metrics,
+                     "model_uri": best.model_uri, "registered_version": best.registered_version},
+            "trials": [{"number": t.number, "params": t.params, "value": t.value, "state": t.state}
+                       for t in result.trials],
+            "run_here": result.run_here,
+        }
+        print(json.dumps(summary, default=float), flush=True)
     return 0
 
 
@@ -255,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": lambda a: _run_training(a, a.data, a.target),
         "predict": _predict,
         "demo": _demo,
+        "sweep": _sweep,
         "pools": _pools,
     }
     try:

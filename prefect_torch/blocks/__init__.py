@@ -25,6 +25,7 @@ from prefect_torch.blocks.serializer import (
     decode_value,
     encode_value,
 )
+from prefect_torch.blocks.sweeps import SweepStorage
 from prefect_torch.blocks.storage import (
     StorageNotFoundError,
     TorchStorage,
@@ -34,6 +35,7 @@ from prefect_torch.blocks.storage import (
 __all__ = [
     "TorchStorage",
     "TorchResultStorage",
+    "SweepStorage",
     "TorchSerializer",
     "ModelRegistry",
     "RegistryLookupError",

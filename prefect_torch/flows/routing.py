@@ -38,8 +38,8 @@ from prefect_torch.engine.models import ModelSpec
 from prefect_torch.engine.optim import OptimizerSpec
 from prefect_torch.engine.spec import Spec
 from prefect_torch.errors import ConfigError, DataError, DeviceError, StorageError
-from prefect_torch.flows.params import DatasetSpec, TrainFlowResult
-from prefect_torch.flows.train import train_flow
+from prefect_torch.flows.params import DatasetSpec, TrainFlowResult, TrialLink
+from prefect_torch.flows.train import train_flow, training_callbacks
 from prefect_torch.tasks import data_load, data_split
 
 MODELS_FOLDER = "models"
@@ -147,6 +147,7 @@ def pool_train_flow(
     training: TrainSpec = TrainSpec(),
     storage_block: str | None = None,
     model_path: str | None = None,
+    trial: TrialLink | None = None,
 ) -> StoredTrainResult:
     """Train on this work pool (on its GPU for the cuda pool) and save the model
     to shared storage, where the caller finds it.
@@ -160,6 +161,8 @@ def pool_train_flow(
             PREFECT_TORCH_STORAGE_BLOCK on the worker, else a local folder.
         model_path: Folder for the model, relative to the storage's basepath;
             empty: models/<flow run id>.
+        trial: The sweep trial this run is (set by sweep_flow): each epoch's
+            validation metric is reported to it and its pruner may stop the run.
     """
     import torch
     from prefect.runtime import flow_run
@@ -179,7 +182,8 @@ def pool_train_flow(
     ):
         # A local storage takes the model directly; a remote one gets a copy.
         output = storage.url(path) if storage.is_local else str(Path(scratch) / "model")
-        result = train_flow(dataset=dataset, model=model, optimizer=optimizer, training=training, output=output)
+        with training_callbacks(_trial_callbacks(trial)):
+            result = train_flow(dataset=dataset, model=model, optimizer=optimizer, training=training, output=output)
         uri = result.model_uri if storage.is_local else model_upload(result.model_uri, storage, path)
     stored = StoredTrainResult(
         **{**result.model_dump(), "model_uri": uri},
@@ -192,6 +196,16 @@ def pool_train_flow(
     storage.write_path(f"{path}/{RESULT_FILE}", stored.model_dump_json(indent=2).encode())
     logger.info("Model saved to %s (trained on %s, work pool %s).", uri, result.device, pool or "none")
     return stored
+
+
+def _trial_callbacks(trial: TrialLink | None) -> list:
+    """The callback reporting to the sweep's trial through the shared study, if this run is one."""
+    if trial is None:
+        return []
+    from prefect_torch.engine.search import ReportToTrial
+    from prefect_torch.flows.sweep import remote_trial
+
+    return [ReportToTrial(remote_trial(trial), trial.metric)]
 
 
 def train_routed(

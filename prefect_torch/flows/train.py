@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from prefect import flow, get_run_logger
 from prefect.assets import materialize
@@ -10,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from prefect_torch.engine.fileio import join
 from prefect_torch.engine.handles import ModelHandle
-from prefect_torch.engine.loop import TrainSpec
+from prefect_torch.engine.loop import Callback, TrainSpec
 from prefect_torch.engine.models import ModelSpec, count_parameters
 from prefect_torch.engine.optim import OptimizerSpec
 from prefect_torch.engine.persist import save_model
@@ -23,6 +26,22 @@ from prefect_torch.reporting.names import model_save_run_name
 from prefect_torch.blocks.serializer import TorchSerializer
 from prefect_torch.tasks import data_load, data_split, evaluate, model_define, train
 from prefect_torch.tasks._common import persisted_in
+
+
+# Callbacks the Train card of every train_flow run in this context gets besides its own:
+# how a sweep's trial on a work pool reports each epoch to its Optuna trial without the
+# flow growing a parameter that is not JSON.
+_extra_callbacks: ContextVar[tuple[Callback, ...]] = ContextVar("prefect_torch_train_callbacks", default=())
+
+
+@contextmanager
+def training_callbacks(callbacks: Sequence[Callback]) -> Iterator[None]:
+    """Give the Train card of ``train_flow`` runs inside this block these callbacks too."""
+    token = _extra_callbacks.set(tuple(callbacks))
+    try:
+        yield
+    finally:
+        _extra_callbacks.reset(token)
 
 
 _SAVE_OPTIONS = dict(name="model_save", task_run_name=model_save_run_name, cache_policy=NO_CACHE, persist_result=False)
@@ -80,7 +99,9 @@ def train_flow(
     table = load(dataset.load_spec())
     splits = split(table, dataset.split_spec())
     handle = define(model, splits)
-    fitted = fit(splits, handle, optimizer, training, return_state=True)
+    watchers = list(_extra_callbacks.get())
+    extra_args = {"callbacks": watchers} if watchers else {}
+    fitted = fit(splits, handle, optimizer, training, **extra_args, return_state=True)
     trained = fitted.result()
     # A cached Train card returns an earlier run's model: the card must say so.
     cached = fitted.name == "Cached"
