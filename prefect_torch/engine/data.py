@@ -19,7 +19,7 @@ import pandas as pd
 from pydantic import Field
 
 from prefect_torch.engine.csvread import read_csv_bytes
-from prefect_torch.engine.fingerprint import content_key, remember
+from prefect_torch.engine.fingerprint import content_key, remember, take_bytes
 from prefect_torch.engine.records import Recordable
 from prefect_torch.engine.spec import Spec
 from prefect_torch.errors import DataError
@@ -223,7 +223,8 @@ def _read_bytes(uri: str, storage_options: dict[str, Any] | None) -> tuple[bytes
             raise DataError(f"{uri} is a folder; pass the path of a .csv or .parquet file inside it.")
         try:
             stat = path.stat()
-            return path.read_bytes(), stat
+            shared = take_bytes(path, stat)  # the fingerprint just read them: no second read
+            return (shared if shared is not None else path.read_bytes()), stat
         except OSError as exc:
             raise DataError(f"Cannot read {uri}: {exc.strerror}. Check its permissions.") from exc
     import fsspec

@@ -31,6 +31,9 @@ _RACY_NS = 1_000_000_000
 _CHUNK = 8 * 2**20
 
 _local_cache: dict[tuple[Any, ...], str] = {}
+# The bytes of the file hashed last, kept for the parse that follows (one read per
+# first run): taken by ``take_bytes``, dropped by ``drop_bytes`` or the next hash.
+_recent: tuple[tuple[Any, ...], bytes] | None = None
 
 
 def source_key(uri: str, storage_options: dict[str, Any] | None = None, cache_dir: str | Path | None = None) -> str:
@@ -76,16 +79,32 @@ def _local_key(path: Path, cache_dir: str | Path | None) -> str:
             if tuple(entry["state"]) == state and str(entry["key"]).startswith(PREFIX):
                 _local_cache[state] = entry["key"]
                 return entry["key"]
-    digest = xxhash.xxh3_128()
+    global _recent
+    _recent = None
     try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
+        data = path.read_bytes()
     except IsADirectoryError as exc:
         raise DataError(f"{path} is a folder; pass the path of a .csv or .parquet file inside it.") from exc
-    key = PREFIX + digest.hexdigest()
+    key = content_key(data)
     remember(path, stat, key, cache_dir)
+    _recent = (state, data)
     return key
+
+
+def take_bytes(path: str | Path, stat: os.stat_result) -> bytes | None:
+    """The bytes ``source_key`` just read from ``path`` if the file is still in the
+    state ``stat``; each read is handed out once."""
+    global _recent
+    recent, _recent = _recent, None
+    if recent is not None and recent[0] == _state(Path(path).resolve(), stat):
+        return recent[1]
+    return None
+
+
+def drop_bytes() -> None:
+    """Let go of the bytes kept for a parse that did not happen (a cached Load)."""
+    global _recent
+    _recent = None
 
 
 def _store(real: Path, stat: os.stat_result, key: str, cache_dir: str | Path | None) -> None:
@@ -120,6 +139,7 @@ def _object_key(uri: str, storage_options: dict[str, Any]) -> str:
 def clear_cache() -> None:
     """Forget this process's fingerprints (the on-disk ones stay)."""
     _local_cache.clear()
+    drop_bytes()
 
 
-__all__ = ["source_key", "content_key", "remember", "clear_cache", "PREFIX"]
+__all__ = ["source_key", "content_key", "remember", "take_bytes", "drop_bytes", "clear_cache", "PREFIX"]

@@ -9,6 +9,7 @@ from prefect.assets import materialize
 from prefect.cache_policies import NO_CACHE
 
 from prefect_torch.engine.fileio import join
+from prefect_torch.engine.fingerprint import drop_bytes
 from prefect_torch.engine.handles import ModelHandle
 from prefect_torch.engine.loop import TrainSpec
 from prefect_torch.engine.models import ModelSpec, count_parameters
@@ -81,6 +82,7 @@ def train_flow(
     logger = get_run_logger()
     load, split, define, fit, score = persisted_in(None, data_load, data_split, model_define, train, evaluate)
     table = load(dataset.load_spec())
+    drop_bytes()  # a cached Load did not take the bytes its fingerprint read
     splits = split(table, dataset.split_spec())
     handle = define(model, splits)
     trained = fit(splits, handle, optimizer, training)
