@@ -163,13 +163,15 @@ class Splits(Recordable):
             tensors[f"{name}.y"] = part.y
         return tensors
 
-    def store(self, folder: str, fs: Any = None, cache_dir: Any = None) -> "Splits":
+    def store(self, folder: str, fs: Any = None, cache_dir: Any = None, upload: Any = None) -> "Splits":
         """Write the tensors once, uncompressed, as a safetensors file in ``folder``
         (named by the split's key and checksum); from then on this object's record is
         a small reference to that file, and reading it back maps the file."""
         from prefect_torch.engine.tensorfile import write_tensor_file
 
-        self.stored = write_tensor_file(folder, self.key or "split", self.tensors(), fs=fs, cache_dir=cache_dir)
+        self.stored = write_tensor_file(
+            folder, self.key or "split", self.tensors(), fs=fs, cache_dir=cache_dir, upload=upload
+        )
         return self
 
     def __record__(self):

@@ -27,7 +27,7 @@ import threading
 import uuid
 from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import xxhash
 
@@ -77,13 +77,20 @@ def file_checksum(path: str | Path) -> str:
 
 
 def write_tensor_file(
-    folder: str, stem: str, tensors: dict[str, "torch.Tensor"], fs: Any = None, cache_dir: str | Path | None = None
+    folder: str,
+    stem: str,
+    tensors: dict[str, "torch.Tensor"],
+    fs: Any = None,
+    cache_dir: str | Path | None = None,
+    upload: Callable[[Path, str], Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``tensors`` as ``<folder>/<stem>.<checksum>.safetensors``.
 
     ``folder`` is a local folder or a URL of ``fs`` (an fsspec file system). A remote
     file is written to ``cache_dir`` first (where a later read maps it) and uploaded
-    in one piece. Returns the reference a record keeps: ``uri``, ``checksum``, ``bytes``.
+    in one piece, by ``upload(local_path, url)`` when given (a storage's retrying
+    upload), else by ``fs.put_file``. Returns the reference a record keeps: ``uri``,
+    ``checksum``, ``bytes``.
     """
     local_folder = Path(folder) if is_local(folder) else Path(cache_dir or _default_cache_dir())
     local_folder.mkdir(parents=True, exist_ok=True)
@@ -106,11 +113,14 @@ def write_tensor_file(
     else:
         uri = folder.rstrip("/") + "/" + name
         register_access(folder, fs, local_folder)
-        try:
-            # s3fs completes a multipart upload atomically: readers see no partial object.
-            fs.put_file(str(local), uri)
-        except Exception as exc:
-            raise StorageError(f"Cannot upload {uri}: {type(exc).__name__}: {exc}.") from exc
+        if upload is not None:
+            upload(local, uri)
+        else:
+            try:
+                # s3fs completes a multipart upload atomically: readers see no partial object.
+                fs.put_file(str(local), uri)
+            except Exception as exc:
+                raise StorageError(f"Cannot upload {uri}: {type(exc).__name__}: {exc}.") from exc
     _mark_verified(local, checksum)
     return {"uri": uri, "checksum": checksum, "algorithm": CHECKSUM, "bytes": size}
 

@@ -36,7 +36,8 @@ def data_split(table: Table | pd.DataFrame, spec: SplitSpec) -> Splits:
     splits = split_table(table, spec)
     storage = _torch_storage()
     if storage is not None:
-        splits.store(storage.url("tensors"), fs=storage.filesystem(), cache_dir=tensor_cache_dir())
+        splits.store(storage.url("tensors"), fs=storage.filesystem(), cache_dir=tensor_cache_dir(),
+                     upload=lambda local, url: storage.upload_file(local, url))
     return splits
 
 
