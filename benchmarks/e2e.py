@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.prefect_server import base_env, prefect_server  # noqa: E402
+from tests.support.prefect_server import prefect_server  # noqa: E402
 
 CARDS = ("data_load", "data_split", "model_define", "train", "evaluate", "model_save")
 
