@@ -254,6 +254,7 @@ def _report(result, as_json: bool) -> None:
         "stop_reason": result.stop_reason,
         "data_key": result.data_key,
         "device": result.device,
+        "train_seconds": result.train_seconds,
     }
     lines = [f"problem: {result.problem} (loss {result.loss}, {result.steps} steps on {result.device})"]
     lines += [f"  {name:<9} {value:.4f}" for name, value in result.metrics.items()]

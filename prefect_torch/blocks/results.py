@@ -121,6 +121,7 @@ class TorchResultStorage(WritableFileSystem):
 
     def _read_checked(self, path: str) -> bytes:
         target = self.storage.url(str(self._resolve_path(path)))
+        _register_tensor_files(self.storage)
         content = self.storage._read_bytes(target)
         try:
             check_result_bytes(content)
@@ -143,6 +144,24 @@ class TorchResultStorage(WritableFileSystem):
                 'result_serializer="prefect-torch" (see result_options()).'
             ) from None
         return self.storage._write_bytes(target, content)
+
+
+def _register_tensor_files(storage: TorchStorage) -> None:
+    """Let records read from ``storage`` map the tensor files it holds (an object
+    store's files are fetched with its endpoint and credentials, once, into a local
+    cache)."""
+    if storage.is_local:
+        return
+    from prefect_torch.engine.tensorfile import register_access  # torch-free
+
+    register_access(storage.url(""), storage.filesystem(), tensor_cache_dir())
+
+
+def tensor_cache_dir() -> Path:
+    """Local folder where tensor files from object storage are kept to be mapped."""
+    from prefect.settings import PREFECT_HOME
+
+    return Path(PREFECT_HOME.value()).expanduser() / "prefect-torch" / "cache" / "tensors"
 
 
 def check_result_bytes(content: bytes) -> None:

@@ -71,7 +71,14 @@ class TorchSerializer(Serializer):
         return base64.b64encode(encode_value(obj))
 
     def loads(self, blob: bytes) -> Any:
-        return decode_value(unwrap_record_bytes(blob))
+        try:
+            return decode_value(unwrap_record_bytes(blob))
+        except IntegrityError as exc:
+            # Prefect's cache check turns any error into a miss, silently: say why.
+            from prefect_torch.blocks.results import _warn
+
+            _warn(f"Ignoring a stored result: {exc} prefect-torch treats it as a cache miss and recomputes.")
+            raise
 
 
 def encode_value(value: Any) -> bytes:

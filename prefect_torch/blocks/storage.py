@@ -387,6 +387,31 @@ class TorchStorage(WritableFileSystem):
         self._retrying("write", target, lambda: fs.pipe_file(target, bytes(content), **options))
         return target
 
+    def upload_file(self, local: str | Path, path: str) -> str:
+        """Copy the local file ``local`` to ``path`` (relative to the basepath, or a full
+        URL inside it) in one piece, with the retries and time limits of every write;
+        returns the full path. On S3 it is one PUT: readers see the old object or the new."""
+        target = self._resolve_path(path)
+        if isinstance(target, Path):
+            import shutil
+
+            def copy() -> None:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                temp = target.with_name(f".{target.name}.{os.getpid()}{TEMP_SUFFIX}")
+                shutil.copyfile(local, temp)
+                os.replace(temp, target)
+
+            self._retrying("write", str(target), copy)
+            return str(target)
+        fs = self.filesystem()
+        options: dict[str, Any] = {}
+        if getattr(fs, "async_impl", False):
+            options["timeout"] = _S3_WRITE_TIMEOUT_S + os.path.getsize(local) / _S3_MIN_UPLOAD_BYTES_PER_S
+        if self._scheme() in _S3_SCHEMES:
+            options["chunksize"] = _SINGLE_PUT_CHUNKSIZE
+        self._retrying("write", target, lambda: fs.put_file(str(local), target, **options))
+        return target
+
     def _list_local(self, folder: Path) -> list[str]:
         base = self._local_base()
         if folder.is_file():

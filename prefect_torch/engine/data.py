@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +19,7 @@ import pandas as pd
 from pydantic import Field
 
 from prefect_torch.engine.csvread import read_csv_bytes
+from prefect_torch.engine.fingerprint import content_key, remember, take_bytes
 from prefect_torch.engine.records import Recordable
 from prefect_torch.engine.spec import Spec
 from prefect_torch.errors import DataError
@@ -46,18 +47,85 @@ class LoadSpec(Spec):
     )
 
 
-@dataclass(frozen=True)
 class Table(Recordable):
-    """A loaded dataset and the key that identifies its content."""
+    """A loaded dataset and the key that identifies its content.
 
-    frame: pd.DataFrame
-    key: str
-    source: str
-    # Where data rows sit in the source file, for error messages: row i is on line
-    # i + first_line, unless ``lines`` lists each row's line (blank lines, quoted
-    # line breaks). Both None when rows have no lines (Parquet, a DataFrame).
-    first_line: int | None = field(default=None, compare=False, repr=False)
-    lines: np.ndarray | None = field(default=None, compare=False, repr=False)
+    A table read from a file or object (``load_table``) is persisted as a reference:
+    the source's URI, content key, format and columns, never a copy of the rows. A
+    table re-created from that reference reads its rows lazily, the first time
+    ``frame`` is used, and refuses a source whose content no longer matches the key.
+    A table of a DataFrame passed from Python persists its content (as Parquet).
+    """
+
+    def __init__(
+        self,
+        frame: pd.DataFrame | None = None,
+        key: str = "",
+        source: str = "",
+        first_line: int | None = None,
+        lines: np.ndarray | None = None,
+        *,
+        ref: dict[str, Any] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        if frame is None and ref is None:
+            raise ValueError("A Table needs a frame or a reference to its source.")
+        self._frame = frame
+        self.key = key
+        self.source = source
+        # Where data rows sit in the source file, for error messages: row i is on line
+        # i + first_line, unless ``lines`` lists each row's line (blank lines, quoted
+        # line breaks). Both None when rows have no lines (Parquet, a DataFrame).
+        self._first_line = first_line
+        self._lines = lines
+        self.ref = ref
+        self._storage_options = storage_options
+
+    def __repr__(self) -> str:
+        state = "loaded" if self._frame is not None else "not loaded"
+        return f"Table(key={self.key!r}, source={self.source!r}, {state})"
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the rows are in memory (a table from a reference loads on first use)."""
+        return self._frame is not None
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        if self._frame is None:
+            self._load()
+        return self._frame  # type: ignore[return-value]
+
+    @property
+    def first_line(self) -> int | None:
+        if self._frame is None:
+            self._load()
+        return self._first_line
+
+    @property
+    def lines(self) -> np.ndarray | None:
+        if self._frame is None:
+            self._load()
+        return self._lines
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names, without loading the rows."""
+        if self._frame is None and self.ref is not None:
+            return list(self.ref["names"])
+        return [str(c) for c in self.frame.columns]
+
+    def _load(self) -> None:
+        ref = self.ref or {}
+        spec = LoadSpec(uri=ref["uri"], format=ref["format"], columns=ref.get("columns"),
+                        delimiter=ref.get("delimiter", "auto"))
+        loaded = load_table(spec, self._storage_options, source=self.source)
+        if loaded.key != self.key:
+            raise DataError(
+                f"{self.source} changed since it was loaded (its content key is now {loaded.key}, "
+                f"was {self.key}). Run the flow again: Data Load reads the new content."
+            )
+        self._frame, self._first_line, self._lines = loaded._frame, loaded._first_line, loaded._lines
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame, source: str = "<DataFrame>") -> "Table":
@@ -72,6 +140,8 @@ class Table(Recordable):
         return f"row {row + 1} of {self.source}"
 
     def __record__(self):
+        if self.ref is not None:
+            return {}, {"key": self.key, "source": self.source, "ref": self.ref}
         import torch
 
         buffer = io.BytesIO()
@@ -83,6 +153,11 @@ class Table(Recordable):
 
     @classmethod
     def __from_record__(cls, tensors, meta):
+        if "ref" in meta:
+            ref = meta["ref"]
+            if not isinstance(ref, dict) or not {"uri", "format", "names"} <= set(ref):
+                raise ValueError(f"malformed dataset reference {ref!r}")
+            return cls(key=meta["key"], source=meta["source"], ref=ref)
         frame = pd.read_parquet(io.BytesIO(tensors["parquet"].numpy().tobytes()))
         lines = tensors["lines"].numpy() if "lines" in tensors else None
         return cls(frame=frame, key=meta["key"], source=meta["source"], first_line=meta["first_line"], lines=lines)
@@ -97,42 +172,66 @@ def frame_key(frame: pd.DataFrame) -> str:
     return "frame-" + digest.hexdigest()[:32]
 
 
-def load_table(spec: LoadSpec, storage_options: dict[str, Any] | None = None) -> Table:
-    """Read ``spec.uri`` into a DataFrame, keyed by the file's bytes."""
-    raw = _read_bytes(spec.uri, storage_options)
-    key = "sha256-" + hashlib.sha256(raw).hexdigest()[:32]
+def load_table(
+    spec: LoadSpec,
+    storage_options: dict[str, Any] | None = None,
+    fingerprint_cache: str | Path | None = None,
+    source: str | None = None,
+) -> Table:
+    """Read ``spec.uri`` into a DataFrame, keyed by the file's bytes (read once: the
+    same bytes are hashed and parsed). The table remembers how to read the source
+    again, so its persisted record is a reference, not a copy.
+
+    ``fingerprint_cache`` is the folder of remembered file fingerprints (see
+    ``fingerprint``): the key computed here is remembered there."""
+    source = source or spec.uri
+    raw, stat = _read_bytes(spec.uri, storage_options)
+    key = content_key(raw)
+    if stat is not None:
+        remember(_local(spec.uri), stat, key, fingerprint_cache)
     fmt = _detect_format(spec.uri, spec.format, raw)
     if fmt == "parquet":
-        table = Table(frame=_parse_parquet(raw, spec.uri), key=key, source=spec.uri)
+        frame, first_line, lines = _parse_parquet(raw, source), None, None
     else:
-        read = read_csv_bytes(raw, spec.uri, spec.delimiter)
-        table = Table(read.frame, key, spec.uri, read.first_line, read.lines)
+        read = read_csv_bytes(raw, source, spec.delimiter)
+        frame, first_line, lines = read.frame, read.first_line, read.lines
+    del raw
     if spec.columns:
-        missing = [c for c in spec.columns if c not in table.frame.columns]
+        missing = [c for c in spec.columns if c not in frame.columns]
         if missing:
             raise DataError(
-                f"Columns {missing} are not in {spec.uri}. Its columns are: {list(table.frame.columns)}."
+                f"Columns {missing} are not in {source}. Its columns are: {list(frame.columns)}."
             )
-        table = Table(table.frame[spec.columns], table.key, table.source, table.first_line, table.lines)
-    return table
+        frame = frame[spec.columns]
+    uri = str(_local(spec.uri).resolve()) if stat is not None else spec.uri
+    ref = {"uri": uri, "format": fmt, "columns": spec.columns, "delimiter": spec.delimiter,
+           "names": [str(c) for c in frame.columns], "rows": int(len(frame))}
+    return Table(frame, key, source, first_line, lines, ref=ref, storage_options=storage_options)
 
 
-def _read_bytes(uri: str, storage_options: dict[str, Any] | None) -> bytes:
-    if "://" not in uri:
-        path = Path(uri).expanduser()
+def _local(uri: str) -> Path:
+    return Path(uri.removeprefix("file://")).expanduser()
+
+
+def _read_bytes(uri: str, storage_options: dict[str, Any] | None) -> tuple[bytes, os.stat_result | None]:
+    """The bytes at ``uri``, and for a local file its state before the read."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = _local(uri)
         if not path.exists():
             raise DataError(f"Dataset file not found: {uri}. Check the path (relative to {Path.cwd()}).")
         if path.is_dir():
             raise DataError(f"{uri} is a folder; pass the path of a .csv or .parquet file inside it.")
         try:
-            return path.read_bytes()
+            stat = path.stat()
+            shared = take_bytes(path, stat)  # the fingerprint just read them: no second read
+            return (shared if shared is not None else path.read_bytes()), stat
         except OSError as exc:
             raise DataError(f"Cannot read {uri}: {exc.strerror}. Check its permissions.") from exc
     import fsspec
 
     try:
         with fsspec.open(uri, "rb", **(storage_options or {})) as handle:
-            return handle.read()
+            return handle.read(), None
     except FileNotFoundError as exc:
         raise DataError(f"Dataset not found: {uri}. Check the URL and that the object exists.") from exc
     except (OSError, ValueError, ImportError) as exc:
@@ -173,7 +272,14 @@ def _parse_parquet(raw: bytes, uri: str) -> pd.DataFrame:
         names = pq.read_schema(io.BytesIO(raw)).names
         duplicated = sorted({name for name in names if names.count(name) > 1})
         if not duplicated:
-            frame = pd.read_parquet(io.BytesIO(raw), page_checksum_verification=True)
+            # Straight from Arrow, one block per column: float32 stays float32 and numeric
+            # columns without nulls are not copied again (self_destruct frees Arrow's
+            # buffers as they are handed over).
+            import pyarrow as pa
+
+            arrow = pq.read_table(pa.BufferReader(raw), page_checksum_verification=True)
+            frame = arrow.to_pandas(split_blocks=True, self_destruct=True)
+            del arrow
     except Exception as exc:  # pyarrow raises many types for corrupt files
         detail = " ".join(str(exc).split())[:200]
         raise DataError(

@@ -1,40 +1,122 @@
 """Content fingerprints of dataset files, cheap enough to compute on every run.
 
-A local file is keyed by the SHA-256 of its bytes (remembered per path, size and
-mtime, so an unchanged file is hashed once per process); an object in a store by
-its ETag or version id, which the store computes from the content.
+A local file is keyed by the xxh3-128 of its bytes. Like git's index, the key is
+remembered by the file's state (real path, size, mtime, ctime, inode): in this
+process, and in a small JSON file per dataset under ``cache_dir`` (the Prefect
+home), so a rerun in a new process does not read the file at all. Any change of
+that state (a rewrite, a copy over it, a ``touch``) re-hashes the file. A file
+modified less than a second before it was hashed is not remembered on disk (a
+second write within the file system's timestamp tick could go unseen), like
+git's "racily clean" entries.
+
+An object in a store is keyed by its ETag or version id, which the store
+computes from the content.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
+import os
+import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from prefect_torch.errors import DataError
 
-_local_cache: dict[tuple[str, int, int], str] = {}
+PREFIX = "xxh3-"
+_RACY_NS = 1_000_000_000
+_CHUNK = 8 * 2**20
+
+_local_cache: dict[tuple[Any, ...], str] = {}
+# The bytes of the file hashed last, kept for the parse that follows (one read per
+# first run): taken by ``take_bytes``, dropped by ``drop_bytes`` or the next hash.
+_recent: tuple[tuple[Any, ...], bytes] | None = None
 
 
-def source_key(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+def source_key(uri: str, storage_options: dict[str, Any] | None = None, cache_dir: str | Path | None = None) -> str:
     if "://" not in uri or uri.startswith("file://"):
-        return _local_key(Path(uri.removeprefix("file://")).expanduser())
+        return _local_key(Path(uri.removeprefix("file://")).expanduser(), cache_dir)
     return _object_key(uri, storage_options or {})
 
 
-def _local_key(path: Path) -> str:
+def content_key(data: bytes | bytearray | memoryview) -> str:
+    """The key of a file's bytes (what ``source_key`` gives for a local file)."""
+    return PREFIX + xxhash.xxh3_128_hexdigest(data)
+
+
+def remember(path: str | Path, before: os.stat_result, key: str, cache_dir: str | Path | None = None) -> None:
+    """Record that the file at ``path``, in the state ``before`` (stat taken before
+    reading it), has content key ``key``; only kept if the file did not change since."""
+    path = Path(path)
+    with suppress(OSError):
+        if _state(path.resolve(), path.stat()) == _state(path.resolve(), before):
+            _store(path.resolve(), before, key, cache_dir)
+
+
+def _state(real: Path, stat: os.stat_result) -> tuple[Any, ...]:
+    return (str(real), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev)
+
+
+def _entry_path(cache_dir: str | Path, real: Path) -> Path:
+    return Path(cache_dir) / (xxhash.xxh64_hexdigest(str(real)) + ".json")
+
+
+def _local_key(path: Path, cache_dir: str | Path | None) -> str:
     try:
         stat = path.stat()
     except FileNotFoundError as exc:
         raise DataError(f"Dataset file not found: {path}. Check the path (relative to {Path.cwd()}).") from exc
-    cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if cache_key not in _local_cache:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        _local_cache[cache_key] = "sha256-" + digest.hexdigest()[:32]
-    return _local_cache[cache_key]
+    real = path.resolve()
+    state = _state(real, stat)
+    if state in _local_cache:
+        return _local_cache[state]
+    if cache_dir is not None:
+        with suppress(OSError, ValueError, TypeError):
+            entry = json.loads(_entry_path(cache_dir, real).read_text())
+            if tuple(entry["state"]) == state and str(entry["key"]).startswith(PREFIX):
+                _local_cache[state] = entry["key"]
+                return entry["key"]
+    global _recent
+    _recent = None
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError as exc:
+        raise DataError(f"{path} is a folder; pass the path of a .csv or .parquet file inside it.") from exc
+    key = content_key(data)
+    remember(path, stat, key, cache_dir)
+    _recent = (state, data)
+    return key
+
+
+def take_bytes(path: str | Path, stat: os.stat_result) -> bytes | None:
+    """The bytes ``source_key`` just read from ``path`` if the file is still in the
+    state ``stat``; each read is handed out once."""
+    global _recent
+    recent, _recent = _recent, None
+    if recent is not None and recent[0] == _state(Path(path).resolve(), stat):
+        return recent[1]
+    return None
+
+
+def drop_bytes() -> None:
+    """Let go of the bytes kept for a parse that did not happen (a cached Load)."""
+    global _recent
+    _recent = None
+
+
+def _store(real: Path, stat: os.stat_result, key: str, cache_dir: str | Path | None) -> None:
+    state = _state(real, stat)
+    _local_cache[state] = key
+    if cache_dir is None or time.time_ns() - stat.st_mtime_ns < _RACY_NS:
+        return
+    from prefect_torch.engine.fileio import atomic_write
+
+    with suppress(OSError):
+        entry = json.dumps({"state": list(state), "key": key}).encode()
+        atomic_write(_entry_path(cache_dir, real), entry)
 
 
 def _object_key(uri: str, storage_options: dict[str, Any]) -> str:
@@ -55,7 +137,9 @@ def _object_key(uri: str, storage_options: dict[str, Any]) -> str:
 
 
 def clear_cache() -> None:
+    """Forget this process's fingerprints (the on-disk ones stay)."""
     _local_cache.clear()
+    drop_bytes()
 
 
-__all__ = ["source_key", "clear_cache"]
+__all__ = ["source_key", "content_key", "remember", "take_bytes", "drop_bytes", "clear_cache", "PREFIX"]

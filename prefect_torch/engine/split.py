@@ -151,19 +151,45 @@ class Splits(Recordable):
     test: TensorSplit
     info: DatasetInfo
     key: str = ""
+    # Where the tensors are stored (a tensorfile reference), once they are.
+    stored: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
-    def __record__(self):
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The split tensors by name ('train.X', 'train.y', ...)."""
         tensors = {}
         for name in SPLIT_NAMES:
             part = getattr(self, name)
-            tensors[f"{name}.X"] = part.X.detach().cpu().contiguous()
-            tensors[f"{name}.y"] = part.y.detach().cpu().contiguous()
-        return tensors, {"info": self.info.to_dict(), "key": self.key}
+            tensors[f"{name}.X"] = part.X
+            tensors[f"{name}.y"] = part.y
+        return tensors
+
+    def store(self, folder: str, fs: Any = None, cache_dir: Any = None, upload: Any = None) -> "Splits":
+        """Write the tensors once, uncompressed, as a safetensors file in ``folder``
+        (named by the split's key and checksum); from then on this object's record is
+        a small reference to that file, and reading it back maps the file."""
+        from prefect_torch.engine.tensorfile import write_tensor_file
+
+        self.stored = write_tensor_file(
+            folder, self.key or "split", self.tensors(), fs=fs, cache_dir=cache_dir, upload=upload
+        )
+        return self
+
+    def __record__(self):
+        meta = {"info": self.info.to_dict(), "key": self.key}
+        if self.stored is not None:
+            return {}, {**meta, "tensors": self.stored}
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.tensors().items()}
+        return tensors, meta
 
     @classmethod
     def __from_record__(cls, tensors, meta):
+        stored = meta.get("tensors")
+        if stored is not None:
+            from prefect_torch.engine.tensorfile import map_tensor_file
+
+            tensors = map_tensor_file(stored)
         parts = {name: TensorSplit(tensors[f"{name}.X"], tensors[f"{name}.y"]) for name in SPLIT_NAMES}
-        return cls(**parts, info=DatasetInfo.from_dict(meta["info"]), key=meta["key"])
+        return cls(**parts, info=DatasetInfo.from_dict(meta["info"]), key=meta["key"], stored=stored)
 
     def __getitem__(self, name: str) -> TensorSplit:
         if name not in SPLIT_NAMES:
@@ -185,10 +211,8 @@ def split_table(table: Table | pd.DataFrame, spec: SplitSpec) -> Splits:
 
     parts = _assign_rows(target, problem, classes, spec)
     values = _numeric_features(frame, features)
-    train_rows = values[parts["train"]]
     if spec.standardize:
-        mean = train_rows.mean(axis=0)
-        std = train_rows.std(axis=0)
+        mean, std = _column_stats(values, parts["train"])
         std = np.where(std > 0, std, 1.0)
     else:
         mean, std = np.zeros(len(features)), np.ones(len(features))
@@ -211,12 +235,12 @@ def split_table(table: Table | pd.DataFrame, spec: SplitSpec) -> Splits:
         data_key=table.key,
         rows={name: int(len(idx)) for name, idx in parts.items()},
     )
-    X_all = torch.from_numpy(((values - mean) / std).astype(np.float32))
     y_all = info.encode_target(target)
     splits = {
-        name: TensorSplit(X_all[torch.from_numpy(idx)], y_all[torch.from_numpy(idx)])
+        name: TensorSplit(_standardized_rows(values, idx, mean, std), y_all[torch.from_numpy(idx)])
         for name, idx in parts.items()
     }
+    del values
     key = _splits_key(table.key, spec)
     return Splits(**splits, info=info, key=key)
 
@@ -275,6 +299,9 @@ def _check_features(
             "numbers (e.g. pandas.get_dummies for categories) or leave them out with features=[...] "
             "(CLI: --features)."
         )
+    if all(_column_finite(frame[column]) for column in features):
+        return
+    # Something is missing or infinite: find the first one, in row order, for the message.
     values = frame[features].to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~np.isfinite(values)
     if bad.any():
@@ -288,6 +315,16 @@ def _check_features(
             f"{counts}). Drop those rows (DataFrame.dropna) or fill them (DataFrame.fillna) before "
             "training."
         )
+
+
+def _column_finite(series: pd.Series) -> bool:
+    """Whether every value of a numeric column is finite (one column at a time, so no
+    float64 copy of the whole table is made)."""
+    if series.dtype.kind in "fc":
+        return bool(np.isfinite(series.to_numpy()).all())
+    if series.dtype.kind in "iub" and not series.hasnans:
+        return True
+    return bool(np.isfinite(series.to_numpy(dtype=np.float64, na_value=np.nan)).all())
 
 
 def _check_finite_target(target: pd.Series, where: Callable[[int], str] = _data_row) -> None:
@@ -317,7 +354,40 @@ def _clip(value: Any, limit: int = 60) -> str:
 
 
 def _numeric_features(frame: pd.DataFrame, features: list[str]) -> np.ndarray:
+    """The feature values as one array: float32 when every feature column is float32
+    (exact, and half the memory), float64 otherwise."""
+    if all(frame[c].dtype == np.float32 for c in features):
+        return frame[features].to_numpy(dtype=np.float32)
     return frame[features].to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+# Rows per block when standardising: float64 work stays a few MB, whatever the data size.
+_BLOCK_ROWS = 1 << 15
+
+
+def _column_stats(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) standard deviation of ``values[rows]`` per column, in
+    float64, by blocks of rows in a fixed order: bitwise reproducible, and without a
+    float64 copy of the data."""
+    n = len(rows)
+    total = np.zeros(values.shape[1], dtype=np.float64)
+    for start in range(0, n, _BLOCK_ROWS):
+        total += values[rows[start : start + _BLOCK_ROWS]].astype(np.float64).sum(axis=0)
+    mean = total / max(n, 1)
+    squares = np.zeros(values.shape[1], dtype=np.float64)
+    for start in range(0, n, _BLOCK_ROWS):
+        centered = values[rows[start : start + _BLOCK_ROWS]].astype(np.float64) - mean
+        squares += (centered * centered).sum(axis=0)
+    return mean, np.sqrt(squares / max(n, 1))
+
+
+def _standardized_rows(values: np.ndarray, rows: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """``(values[rows] - mean) / std`` as float32, computed in float64 block by block."""
+    out = np.empty((len(rows), values.shape[1]), dtype=np.float32)
+    for start in range(0, len(rows), _BLOCK_ROWS):
+        block = values[rows[start : start + _BLOCK_ROWS]].astype(np.float64)
+        out[start : start + _BLOCK_ROWS] = (block - mean) / std
+    return torch.from_numpy(out)
 
 
 def _classes(target: pd.Series, problem: ProblemType) -> list[Any] | None:

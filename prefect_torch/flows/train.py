@@ -12,6 +12,7 @@ from prefect.assets import materialize
 from prefect.cache_policies import NO_CACHE
 
 from prefect_torch.engine.fileio import join
+from prefect_torch.engine.fingerprint import drop_bytes
 from prefect_torch.engine.handles import ModelHandle
 from prefect_torch.engine.loop import Callback, TrainSpec
 from prefect_torch.engine.models import ModelSpec, count_parameters
@@ -97,6 +98,7 @@ def train_flow(
     logger = get_run_logger()
     load, split, define, fit, score = persisted_in(None, data_load, data_split, model_define, train, evaluate)
     table = load(dataset.load_spec())
+    drop_bytes()  # a cached Load did not take the bytes its fingerprint read
     splits = split(table, dataset.split_spec())
     handle = define(model, splits)
     watchers = list(_extra_callbacks.get())

@@ -64,11 +64,23 @@ class Lineage(CachePolicy):
 @dataclass
 class SourceLineage(Lineage):
     """Lineage of a card that reads a dataset: its key includes the file's content
-    fingerprint (bytes on disk, ETag in a store), so changed data is recomputed."""
+    fingerprint (bytes on disk, ETag in a store), so changed data is recomputed.
+
+    A local file's fingerprint is remembered by its state (size, mtime, inode) under
+    the Prefect home, so an unchanged file is not read again, even in a new process."""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any):
         from prefect_torch.engine.fingerprint import source_key
 
         spec = inputs["spec"]
-        fingerprinted = {**inputs, "source": source_key(spec.uri)}
+        fingerprinted = {**inputs, "source": source_key(spec.uri, cache_dir=fingerprint_cache())}
         return super().compute_key(task_ctx, fingerprinted, flow_parameters, **kwargs)
+
+
+def fingerprint_cache():
+    """Folder of remembered dataset-file fingerprints, under the Prefect home."""
+    from pathlib import Path
+
+    from prefect.settings import PREFECT_HOME
+
+    return Path(PREFECT_HOME.value()).expanduser() / "prefect-torch" / "fingerprints"

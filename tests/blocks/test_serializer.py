@@ -78,7 +78,7 @@ class Explodes:
 
 @pytest.fixture(scope="module")
 def prefect_api():
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):
         yield
 
 

@@ -37,7 +37,7 @@ CANARY_TOKEN = "canary-token-1a2b3c4d"
 @pytest.fixture(scope="module")
 def prefect_api():
     """A throwaway Prefect server and database for this module."""
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):
         yield
 
 

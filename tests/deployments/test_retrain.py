@@ -74,7 +74,7 @@ def test_first_run_promotes_a_better_challenger_promotes_a_worse_one_does_not(tm
     version = registry().get_version(name, 2)
     stored_test_r2 = registry().load_model(name, version=2).metrics["r2"]
     assert math.isclose(version.metrics["r2"], stored_test_r2, rel_tol=1e-5)
-    assert version.dataset_uri == str(newest) and version.data_key.startswith("sha256-")
+    assert version.dataset_uri == str(newest) and version.data_key.startswith("xxh3-")
     assert version.specs["training"]["epochs"] == 12 and version.code_version["prefect_torch"]
 
     worse, run_id = retrain(data, name, training={**QUICK, "epochs": 1}, optimizer={"lr": 1e-6})

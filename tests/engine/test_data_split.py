@@ -15,7 +15,7 @@ def test_csv_and_parquet_load_to_the_same_frame_with_content_keys(tmp_path):
     csv = load_table(LoadSpec(uri=str(tmp_path / "d.csv")))
     parquet = load_table(LoadSpec(uri=str(tmp_path / "d.parquet")))
     pd.testing.assert_frame_equal(csv.frame, parquet.frame, check_exact=False)
-    assert csv.key.startswith("sha256-") and csv.key != parquet.key
+    assert csv.key.startswith("xxh3-") and csv.key != parquet.key
     assert load_table(LoadSpec(uri=str(tmp_path / "d.csv"))).key == csv.key
 
 

@@ -1,0 +1,189 @@
+"""End-to-end figures of issue 17, printed as JSON: the `prefect-torch train` command
+against the plain script a careful engineer writes (benchmarks/plain_script.py),
+side by side on one synthetic Parquet file, against a running Prefect server.
+
+Each run is a fresh subprocess; wall time and peak RSS (of the process and the
+children it waited for, from wait4) are measured from outside:
+
+- plain: the hand-written script;
+- first: `prefect-torch train d.parquet --target y --epochs 1 --batch-size 4096 --hidden 64`
+  with empty result storage;
+- cached: the same command again (every card a cache hit);
+- model_only: again with only `--hidden 128` (data cards cached, training runs).
+
+Ratios are against the plain script (targets: first ≤ 1.3, model_only ≤ 0.8,
+cached ≤ 0.5, peak RSS ≤ 1.2), and without the training loops of both sides (their time swings most with load on a shared machine). ``cards`` gives each run's flow-level overhead per
+card from the server's state history: the seconds from a card's first state to its
+last (for Train, minus the training loop when it ran), the flow's start (flow
+Running → first card) and end (last card → flow Completed), and the process's own
+start-up and shutdown around the flow run.
+
+    python benchmarks/e2e.py [--rows 1000000] [--features 64] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.prefect_server import prefect_server  # noqa: E402
+
+CARDS = ("data_load", "data_split", "model_define", "train", "evaluate", "model_save")
+
+
+def make_dataset(path: Path, rows: int, features: int, seed: int = 0) -> None:
+    """A float32 regression table: y = X·w + noise, written in row groups of 256k."""
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(size=features).astype(np.float32)
+    writer = None
+    for start in range(0, rows, 1 << 18):
+        n = min(1 << 18, rows - start)
+        X = rng.normal(size=(n, features)).astype(np.float32)
+        y = X @ weights + rng.normal(scale=0.1, size=n).astype(np.float32)
+        columns = {f"x{i}": X[:, i] for i in range(features)} | {"y": y}
+        table = pa.table(columns)
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    writer.close()
+
+
+def run_with_rss(args: list[str], env: dict[str, str], cwd: Path) -> dict:
+    """Run ``args`` from a fresh Python process, so that process's RUSAGE_CHILDREN peak
+    is this run's alone; its wall time, peak RSS (MB) and the JSON its stdout ends with."""
+    helper = (
+        "import json, resource, subprocess, sys, time\n"
+        "args = json.loads(sys.argv[1])\n"
+        "t = time.perf_counter()\n"
+        "p = subprocess.run(args, capture_output=True, text=True)\n"
+        "wall = time.perf_counter() - t\n"
+        "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+        "print(json.dumps({'rc': p.returncode, 'seconds': wall, 'rss_mb': rss,"
+        " 'stdout': p.stdout[-20000:], 'stderr': p.stderr[-4000:]}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", helper, json.dumps(args)], env=env, cwd=cwd,
+                          capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout)
+    if result["rc"] != 0:
+        raise RuntimeError(f"{args[:3]} failed ({result['rc']}):\n{result['stderr']}\n{result['stdout'][-2000:]}")
+    lines = [line for line in result["stdout"].splitlines() if line.startswith("{")]
+    return {"seconds": round(result["seconds"], 3), "peak_rss_mb": round(result["rss_mb"], 1),
+            "output": json.loads(lines[-1]) if lines else None}
+
+
+def _when(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def card_overheads(server, train_seconds: float | None, process_seconds: float) -> dict:
+    """Per-card seconds of the newest flow run, from the server's state history."""
+    run = server.request("POST", "flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 1})[0]
+    deadline = time.monotonic() + 60
+    while True:  # task run states reach the server through events: wait until all are final
+        tasks = server.request("POST", "task_runs/filter",
+                               json={"flow_runs": {"id": {"any_": [run["id"]]}}, "limit": 200})
+        states = {t["id"]: server.request("GET", f"task_run_states/?task_run_id={t['id']}") for t in tasks}
+        final = all(any(s["type"] in ("COMPLETED", "FAILED") for s in states[t["id"]]) for t in tasks)
+        if (final and len(tasks) >= len(CARDS)) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    flow_states = sorted(server.request("GET", f"flow_run_states/?flow_run_id={run['id']}"),
+                         key=lambda s: s["timestamp"])
+    running = next(_when(s["timestamp"]) for s in flow_states if s["type"] == "RUNNING")
+    finished = _when(flow_states[-1]["timestamp"])
+    cards: dict[str, dict] = {}
+    spans = []
+    for task in tasks:
+        history = sorted(states[task["id"]], key=lambda s: s["timestamp"])
+        first, last = _when(history[0]["timestamp"]), _when(history[-1]["timestamp"])
+        spans.append((first, last))
+        name = task["task_key"].split("-")[0] if task["name"].startswith("materialize") else task["name"].split("[")[0]
+        entry = {"seconds": round(last - first, 3), "state": history[-1]["name"]}
+        if name == "train" and history[-1]["name"] != "Cached" and train_seconds is not None:
+            entry["loop_seconds"] = round(train_seconds, 3)
+            entry["overhead_seconds"] = round(last - first - train_seconds, 3)
+        cards[name] = entry
+    spans.sort()
+    flow_seconds = finished - running
+    return {
+        "cards": cards,
+        "flow_start": round(spans[0][0] - running, 3) if spans else None,
+        "flow_end": round(finished - spans[-1][1], 3) if spans else None,
+        "flow_run_seconds": round(flow_seconds, 3),
+        "process_outside_flow_run": round(process_seconds - flow_seconds, 3),
+    }
+
+
+def _loop(run: dict) -> float:
+    """Seconds the run spent in its training loop (0 when Train was a cache hit)."""
+    if "cards" not in run:
+        return float((run.get("output") or {}).get("train_seconds") or 0.0)
+    return float(run["cards"].get("train", {}).get("loop_seconds") or 0.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--features", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="20,000 rows: checks that the benchmark runs")
+    args = parser.parse_args()
+    rows = 20_000 if args.quick else args.rows
+
+    with tempfile.TemporaryDirectory(prefix="ptorch-e2e-") as tmp:
+        work = Path(tmp)
+        data = work / "d.parquet"
+        make_dataset(data, rows, args.features)
+        parquet_mb = round(data.stat().st_size / 2**20, 1)
+        with prefect_server(work / "server") as server:
+            env = {**server.env, "PYTHONPATH": str(REPO)}
+            plain = run_with_rss([sys.executable, str(REPO / "benchmarks" / "plain_script.py"), str(data),
+                                  "--target", "y", "--output", str(work / "plain.safetensors")], env, work)
+            cli = [str(Path(sys.executable).with_name("prefect-torch")), "train", str(data), "--target", "y",
+                   "--epochs", "1", "--batch-size", "4096", "--json"]
+            runs = {"plain": plain}
+            for name, extra in (("first", ["--hidden", "64"]), ("cached", ["--hidden", "64"]),
+                                ("model_only", ["--hidden", "128"])):
+                result = run_with_rss(cli + extra, env, work)
+                output = result.pop("output") or {}
+                result["test_metrics"] = output.get("metrics")
+                result.update(card_overheads(server, output.get("train_seconds"), result["seconds"]))
+                runs[name] = result
+    base = plain["seconds"]
+    figures = {
+        "rows": rows,
+        "features": args.features,
+        "parquet_mb": parquet_mb,
+        "runs": runs,
+        "ratios": {
+            "first_vs_plain": round(runs["first"]["seconds"] / base, 3),
+            "model_only_vs_plain": round(runs["model_only"]["seconds"] / base, 3),
+            "cached_vs_plain": round(runs["cached"]["seconds"] / base, 3),
+            "peak_rss_vs_plain": round(max(r["peak_rss_mb"] for k, r in runs.items() if k != "plain")
+                                       / plain["peak_rss_mb"], 3),
+        },
+        # The training loops run the same model on the same rows; on a shared machine their
+        # time swings with load, so the rest (what caching and the flow change) is shown too.
+        "ratios_excluding_training_loops": {
+            name: round((runs[name]["seconds"] - _loop(runs[name])) / (base - _loop(plain)), 3)
+            for name in ("first", "model_only", "cached")
+        },
+        "targets": {"first_vs_plain": 1.3, "model_only_vs_plain": 0.8, "cached_vs_plain": 0.5,
+                    "peak_rss_vs_plain": 1.2},
+    }
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
