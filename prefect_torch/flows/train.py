@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.assets import materialize
 from prefect.cache_policies import NO_CACHE
 
@@ -56,6 +56,10 @@ def _save(model: ModelHandle, splits: Splits, output: str | None, extra: dict) -
         {"model": model.spec.short_name(), "data_key": splits.info.data_key, "test_metrics": extra.get("metrics", {})}
     )
     return saved
+
+
+# The plain task, for flows that save a model outside train_flow (a sweep's best trial).
+model_save = task(**_SAVE_OPTIONS)(_save)
 
 
 def materializing_model_save(uri: str, spec: ModelSpec, dataset_uri: str):

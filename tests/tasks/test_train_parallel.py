@@ -61,10 +61,12 @@ def test_rank_zero_alone_checkpointed_and_published_one_set_of_artifacts(paralle
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
         )
-    keyed = Counter(a.key for a in artifacts if a.key is not None and a.key.startswith("train"))
-    assert set(keyed) >= {"train-history", "train-summary", "train-loss-curves"}
+    # Keys are scoped (<flow>-<dataset>-<model>-<kind>): count each kind of training artifact.
+    kinds = ("train-history", "train-summary", "train-loss-curves")
+    keyed = Counter(kind for a in artifacts for kind in kinds if a.key is not None and a.key.endswith(kind))
+    assert set(keyed) == set(kinds)
     assert all(count == 1 for count in keyed.values()), keyed
-    history = next(a for a in artifacts if a.key == "train-history")
+    history = next(a for a in artifacts if a.key is not None and a.key.endswith("train-history"))
     assert history.data.count('"epoch"') == 3
 
 
