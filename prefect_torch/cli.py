@@ -65,8 +65,15 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other user error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"error: {message}. See `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefect-torch", description="Train PyTorch models as Prefect flows.")
+    parser = _Parser(prog="prefect-torch", description="Train PyTorch models as Prefect flows.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 

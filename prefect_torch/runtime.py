@@ -83,6 +83,11 @@ from prefect.logging import get_logger
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import get_current_settings
 
+from prefect_torch._prefect_defaults import (
+    LIBRARY_ENVIRONMENT_DEFAULTS,
+    apply_library_defaults,
+    settings_set_by_user,
+)
 from prefect_torch.errors import PrefectHomeError
 
 try:  # POSIX only; elsewhere concurrent first starts are not serialised.
@@ -152,10 +157,7 @@ def configure_cli_environment(
     return applied
 
 
-def _settings_set_by_user(environ: Mapping[str, str]) -> set[str]:
-    """Names of the Prefect settings set by environment, profile or toml file."""
-    explicit = get_current_settings().to_environment_variables(exclude_unset=True)
-    return set(explicit) | {k for k in environ if k.startswith("PREFECT_")}
+_settings_set_by_user = settings_set_by_user
 
 
 def _default_prefect_home() -> Path | None:
@@ -422,29 +424,6 @@ def _known_migrations(_db_name: str = "") -> frozenset[str]:
         if match:
             found.add(match.group(1))
     return frozenset(found)
-
-
-# --- defaults for the Python API ------------------------------------------
-
-#: Defaults for every use of prefect-torch, CLI or Python. A value the user set wins.
-LIBRARY_ENVIRONMENT_DEFAULTS: Mapping[str, str] = {
-    # The temporary server's telemetry heartbeat needs the internet and a free
-    # SQLite database; under load it prints "send_telemetry_heartbeat ...
-    # database is locked" tracebacks into the user's output.
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-}
-
-
-def apply_library_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Apply ``LIBRARY_ENVIRONMENT_DEFAULTS`` the user has not set; return what was set."""
-    environ = os.environ if environ is None else environ
-    user_set = _settings_set_by_user(environ)
-    applied = {k: v for k, v in LIBRARY_ENVIRONMENT_DEFAULTS.items() if k not in user_set}
-    applied = {k: v for k, v in applied.items() if environ.get(k) != v}
-    environ.update(applied)
-    if applied and environ is os.environ:
-        prefect.context.refresh_global_settings_context()
-    return applied
 
 
 # --- the temporary server -------------------------------------------------

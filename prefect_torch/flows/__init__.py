@@ -1,6 +1,10 @@
 """Flows: the fast-path ``train_flow``, the per-batch ``stepwise_train_flow``, GPU
 routing (``pipeline_flow`` → ``pool_train_flow`` on a work pool) and ``retrain_flow``."""
 
+from prefect_torch._prefect_defaults import apply_library_defaults
+
+apply_library_defaults()  # before any flow starts Prefect's temporary server
+
 from prefect_torch.flows.params import DatasetSpec, TrainFlowResult
 from prefect_torch.flows.retrain import NewestDataset, PromotionSpec, RetrainResult, retrain_flow
 from prefect_torch.flows.routing import PipelineResult, RoutingSpec, StoredTrainResult, pipeline_flow, pool_train_flow
