@@ -50,12 +50,15 @@ def time_to_first_epoch(data: Path, home: Path, seed: int) -> float:
         env=clean_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     first = None
+    seen: list[str] = []
     assert process.stderr is not None
     for line in process.stderr:
+        seen.append(line)
         if first is None and FIRST_EPOCH.search(line):
             first = time.perf_counter() - started
     if process.wait() != 0 or first is None:
-        raise RuntimeError(f"the run (seed {seed}) failed or logged no first epoch")
+        tail = "".join(seen[-20:])
+        raise RuntimeError(f"the run (seed {seed}) failed or logged no first epoch:\n{tail}")
     return first
 
 
