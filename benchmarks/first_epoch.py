@@ -42,12 +42,12 @@ def clean_env(home: Path) -> dict[str, str]:
     return env
 
 
-def time_to_first_epoch(data: Path, home: Path, seed: int) -> float:
+def time_to_first_epoch(data: Path, home: Path, seed: int, expect_url: bool = False) -> float:
     started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, "-m", "prefect_torch.cli", "train", str(data), "--target", "y",
          "--epochs", "2", "--hidden", "16", "--seed", str(seed)],
-        env=clean_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=clean_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     first = None
     seen: list[str] = []
@@ -56,9 +56,13 @@ def time_to_first_epoch(data: Path, home: Path, seed: int) -> float:
         seen.append(line)
         if first is None and FIRST_EPOCH.search(line):
             first = time.perf_counter() - started
+    assert process.stdout is not None
+    stdout = process.stdout.read()
     if process.wait() != 0 or first is None:
         tail = "".join(seen[-20:])
         raise RuntimeError(f"the run (seed {seed}) failed or logged no first epoch:\n{tail}")
+    if expect_url and "flow run in the Prefect UI:" not in stdout:
+        raise RuntimeError("the run did not use the running server (it printed no run URL)")
     return first
 
 
@@ -117,8 +121,8 @@ def main() -> None:
         running_home = root / "running-home"
         start_background_server(running_home)
         try:
-            time_to_first_epoch(data, running_home, seed=1000)  # the server's first flow run: not timed
-            running = [time_to_first_epoch(data, running_home, seed=i) for i in range(args.runs)]
+            time_to_first_epoch(data, running_home, seed=1000, expect_url=True)  # the first run: not timed
+            running = [time_to_first_epoch(data, running_home, seed=i, expect_url=True) for i in range(args.runs)]
         finally:
             stop_background_server(running_home)
 
