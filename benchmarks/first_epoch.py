@@ -77,8 +77,11 @@ def start_background_server(home: Path, timeout: float = 300) -> None:
 
     port = free_port()
     prefect = str(Path(sys.executable).with_name("prefect"))
+    # Without internet, a background server with analytics on dies soon after
+    # its start (its telemetry error goes to a pipe nobody reads any more).
+    env = {**clean_env(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     subprocess.run([prefect, "server", "start", "--background", "--host", "127.0.0.1", "--port", str(port)],
-                   env=clean_env(home), check=True, capture_output=True)
+                   env=env, check=True, capture_output=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

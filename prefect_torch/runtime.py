@@ -268,8 +268,8 @@ async def _await(awaitable: Any) -> Any:
 PERSISTENT_SERVER_HINT = (
     "Prefect ran a temporary server for this command. For runs that stay"
     " visible in the UI and commands that start faster, keep one running:"
-    " `prefect server start --background` (same PREFECT_HOME), then open"
-    " http://127.0.0.1:4200."
+    " `PREFECT_SERVER_ANALYTICS_ENABLED=false prefect server start --background`"
+    " (same PREFECT_HOME), then open http://127.0.0.1:4200."
 )
 
 
