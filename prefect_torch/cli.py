@@ -1,7 +1,10 @@
 """The ``prefect-torch`` command: train, predict, demo, sweep, pools.
 
-User errors (bad data, bad options) print one clear message and exit with
-status 2; ``--debug`` shows the traceback too.
+User errors (bad data, bad options, a Prefect home this Prefect cannot use)
+print one clear message and exit with status 2; ``--debug`` shows the
+traceback too. What can be checked cheaply (the data file, its columns, the
+options) is checked before Prefect starts, so such errors come in a second,
+with nothing from Prefect before them.
 """
 
 from __future__ import annotations
@@ -64,8 +67,15 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other user error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"error: {message}. See `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefect-torch", description="Train PyTorch models as Prefect flows.")
+    parser = _Parser(prog="prefect-torch", description="Train PyTorch models as Prefect flows.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -332,9 +342,37 @@ def _without_user_tracebacks(format_record):
     return format
 
 
+def _check_input(args: argparse.Namespace) -> None:
+    """The cheap checks, before Prefect is imported: file, format, columns, options."""
+    from prefect_torch.engine.peek import check_columns
+
+    if args.command == "train":
+        check_columns(args.data, args.target, args.features, args.format)
+    if args.command in ("train", "demo"):
+        from prefect_torch.engine.loop import TrainSpec
+        from prefect_torch.engine.models import ModelSpec
+        from prefect_torch.engine.optim import OptimizerSpec
+
+        parameters = _flow_parameters(args, "", "")
+        ModelSpec.model_validate(parameters["model"])
+        OptimizerSpec.model_validate(parameters["optimizer"])
+        TrainSpec.model_validate(parameters["training"])
+    elif args.command == "predict":
+        check_columns(args.data)
+        if not Path(args.model).expanduser().exists() and "://" not in args.model:
+            raise _UsageError(f"Model folder not found: {args.model}. Pass the model_uri a train run printed.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
+    try:
+        _check_input(args)
+    except Exception as exc:  # noqa: BLE001 - as below
+        if not _is_user_error(exc) or args.debug:
+            raise
+        print(f"error: {_message(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if not args.debug and args.command != "predict":
         _hide_user_error_tracebacks()
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -10,7 +10,8 @@ problem and the fix::
     ├── TrainingError        training diverged (NaN/inf loss) or cannot proceed
     ├── StaleHandleError     a model/optimizer handle whose live object moved on
     ├── IntegrityError       a stored record failed its checksum or is untrusted
-    └── StorageError         a result or checkpoint could not be read or written
+    ├── StorageError         a result or checkpoint could not be read or written
+    └── PrefectHomeError     the Prefect home's database cannot be used by this Prefect
 
 This module imports nothing from torch or Prefect.
 """
@@ -50,6 +51,10 @@ class StorageError(PrefectTorchError, OSError):
     """A result, checkpoint or model could not be persisted or read."""
 
 
+class PrefectHomeError(PrefectTorchError, RuntimeError):
+    """The Prefect home's database cannot be used by the installed Prefect."""
+
+
 __all__ = [
     "PrefectTorchError",
     "DataError",
@@ -59,4 +64,5 @@ __all__ = [
     "StaleHandleError",
     "IntegrityError",
     "StorageError",
+    "PrefectHomeError",
 ]

@@ -37,6 +37,24 @@ Defaults for command-line users
     ``PREFECT_HOME``; every value the user set (environment, profile, or
     ``prefect.toml``) wins.
 
+A running server first
+    With ``PREFECT_API_URL`` set (environment or profile) the command uses
+    that server. Without it, a ``prefect server start --background`` under the
+    same ``PREFECT_HOME`` is found by the pid file Prefect writes there
+    (``server.pid``: the pid of its uvicorn process, whose command line holds
+    ``--host`` and ``--port``) and used if it answers ``/api/health``. Either
+    way the command skips the temporary server's start (9-13 s) and prints the
+    run's URL in the UI; with the temporary server it says once, after the
+    run, how to get a persistent one.
+
+A Prefect home this Prefect cannot use
+    Before a temporary server starts, its SQLite database is opened read-only
+    with a short timeout and its Alembic revision compared with the installed
+    Prefect's migration scripts. A database migrated by a newer Prefect, a
+    locked one or a corrupt one raises ``PrefectHomeError`` (one line: the
+    cause and the fix) instead of the server's retry storm of start-up
+    tracebacks ending in a time-out.
+
 This module imports Prefect but not torch.
 """
 
@@ -45,6 +63,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
+import sqlite3
+import sys
 import tempfile
 import threading
 import time
@@ -53,11 +74,21 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
+import httpx
+import prefect
 import prefect.context
 from prefect.logging import get_logger
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import get_current_settings
+
+from prefect_torch._prefect_defaults import (
+    LIBRARY_ENVIRONMENT_DEFAULTS,
+    apply_library_defaults,
+    settings_set_by_user,
+)
+from prefect_torch.errors import PrefectHomeError
 
 try:  # POSIX only; elsewhere concurrent first starts are not serialised.
     import fcntl
@@ -126,10 +157,7 @@ def configure_cli_environment(
     return applied
 
 
-def _settings_set_by_user(environ: Mapping[str, str]) -> set[str]:
-    """Names of the Prefect settings set by environment, profile or toml file."""
-    explicit = get_current_settings().to_environment_variables(exclude_unset=True)
-    return set(explicit) | {k for k in environ if k.startswith("PREFECT_")}
+_settings_set_by_user = settings_set_by_user
 
 
 def _default_prefect_home() -> Path | None:
@@ -170,7 +198,13 @@ def quiet_embedded_prefect(*, settle_timeout: float = 60.0) -> Iterator[None]:
     The server stays up for the whole block, so several flows share it.
     """
     configure_cli_environment()
-    server = None if get_current_settings().api.url else _install_quiet_server()
+    use_running_server()
+    server = None
+    if not get_current_settings().api.url:
+        settings = get_current_settings()
+        with _exclusive_lock(settings.home / SERVER_START_LOCK_NAME):
+            check_prefect_home(settings)
+        server = _install_quiet_server()
     since = datetime.now(timezone.utc) - timedelta(seconds=1)
     interrupted = False
     try:
@@ -195,16 +229,201 @@ def run_cli_flow(flow: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
 
     Returns what the flow returns (async flows are run to completion) and lets
     its exceptions through for the command to report.
+
+    If the flow ran on a server with a UI (``PREFECT_API_URL``, or a
+    background server found under ``PREFECT_HOME``) it prints the run's URL
+    there; if this call started Prefect's temporary server it says once,
+    after the run, how to keep a server running instead.
     """
+    from prefect import Flow
+
+    outer = _owned_temporary_server()
+    owns_server = outer is None or not outer.running  # else an enclosing block says it
     with quiet_embedded_prefect():
-        result = flow(*args, **kwargs)
+        temporary = not get_current_settings().api.url
+        if not isinstance(flow, Flow):
+            result = flow(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = asyncio.run(_await(result))
+            return result
+        state = flow(*args, return_state=True, **kwargs)
+        if inspect.isawaitable(state):
+            state = asyncio.run(_await(state))
+        url = flow_run_ui_url(state.state_details.flow_run_id)
+        if url:
+            print(f"flow run in the Prefect UI: {url}", flush=True)
+        result = state.result()
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
-        return result
+    if temporary and owns_server:
+        print(PERSISTENT_SERVER_HINT, file=sys.stderr, flush=True)
+    return result
 
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
+
+
+#: Said once after a command that started Prefect's temporary server.
+PERSISTENT_SERVER_HINT = (
+    "Prefect ran a temporary server for this command. For runs that stay"
+    " visible in the UI and commands that start faster, keep one running:"
+    " `PREFECT_SERVER_ANALYTICS_ENABLED=false prefect server start --background`"
+    " (same PREFECT_HOME), then open http://127.0.0.1:4200."
+)
+
+
+def flow_run_ui_url(flow_run_id: Any) -> str | None:
+    """The flow run's page in the Prefect UI, or ``None`` without a UI."""
+    ui_url = get_current_settings().ui_url
+    if not ui_url or flow_run_id is None:
+        return None
+    return f"{str(ui_url).rstrip('/')}/runs/flow-run/{flow_run_id}"
+
+
+def _owned_temporary_server() -> "_QuietTemporaryServer | None":
+    current = SubprocessASGIServer._instances.get(None)
+    return current if isinstance(current, _QuietTemporaryServer) else None
+
+
+# --- a server that is already running ---------------------------------------
+
+#: The file ``prefect server start --background`` writes in ``PREFECT_HOME``.
+BACKGROUND_SERVER_PID_FILE = "server.pid"
+
+
+def use_running_server(environ: MutableMapping[str, str] | None = None) -> str | None:
+    """Point Prefect at a running server if there is one; return its API URL.
+
+    ``PREFECT_API_URL`` (environment, profile or toml) wins. Otherwise a
+    background server of the same ``PREFECT_HOME`` that answers its health
+    check is used: ``PREFECT_API_URL`` is set for this process (and the
+    processes it starts). ``None`` when there is none: Prefect will start its
+    temporary server.
+    """
+    environ = os.environ if environ is None else environ
+    settings = get_current_settings()
+    if settings.api.url:
+        return str(settings.api.url)
+    api_url = background_server_url(settings.home)
+    if api_url is None:
+        return None
+    environ["PREFECT_API_URL"] = api_url
+    if environ is os.environ:
+        prefect.context.refresh_global_settings_context()
+    logger.debug("Using the Prefect server running in the background at %s.", api_url)
+    return api_url
+
+
+def background_server_url(home: Path, timeout: float = 5.0) -> str | None:
+    """API URL of a healthy ``prefect server start --background`` under ``home``."""
+    try:
+        pid = int((Path(home) / BACKGROUND_SERVER_PID_FILE).read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None  # no pid file, or a stale one
+    server = get_current_settings().server.api
+    host, port = str(server.host), int(server.port)
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # not Linux: the settings' host and port
+        argv = []
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--host":
+            host = value
+        elif flag == "--port" and value.isdigit():
+            port = int(value)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    api_url = f"http://{host}:{port}/api"
+    try:
+        healthy = httpx.get(f"{api_url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        healthy = False
+    return api_url if healthy else None
+
+
+# --- the Prefect home's database ------------------------------------------
+
+
+def check_prefect_home(settings: Any = None, timeout: float = 5.0) -> None:
+    """Raise ``PrefectHomeError`` if a temporary server could not use its database.
+
+    Looks at the SQLite database the temporary server would open (PostgreSQL
+    and in-memory databases are left to Prefect): its Alembic revision must
+    be one of the installed Prefect's migrations (else a newer Prefect
+    migrated it), and it must open read-only within ``timeout`` seconds
+    (else it is locked) and read as a database (else it is corrupt). A
+    missing or empty database is fine: the server creates it.
+    """
+    settings = settings or get_current_settings()
+    path = _sqlite_database_path(settings)
+    if path is None or not path.exists() or path.stat().st_size == 0:
+        return
+    elsewhere = "or point PREFECT_HOME at another folder (e.g. export PREFECT_HOME=~/.prefect-torch)"
+    try:
+        connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=timeout)
+        try:
+            tables = connection.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name='alembic_version'"
+            ).fetchall()
+            revisions = (
+                [row[0] for row in connection.execute("SELECT version_num FROM alembic_version")]
+                if tables
+                else []
+            )
+        finally:
+            connection.close()
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise PrefectHomeError(
+                f"Prefect's database {path} is locked by another process ({exc}). Stop the process"
+                f" that holds it (another Prefect server or run), {elsewhere}."
+            ) from None
+        raise PrefectHomeError(
+            f"Prefect's database {path} cannot be opened ({exc}). Check its permissions, {elsewhere}."
+        ) from None
+    except sqlite3.DatabaseError as exc:
+        raise PrefectHomeError(
+            f"Prefect's database {path} is corrupt ({exc}). Move it away (Prefect creates a new,"
+            f" empty one), {elsewhere}."
+        ) from None
+    known = _known_migrations(path.name)
+    unknown = [revision for revision in revisions if revision not in known]
+    if known and unknown:
+        raise PrefectHomeError(
+            f"Prefect's database {path} was migrated by a newer Prefect (revision {unknown[0]} is"
+            f" unknown to the installed Prefect {prefect.__version__}). Upgrade Prefect"
+            f" (pip install -U prefect), {elsewhere}."
+        )
+
+
+def _sqlite_database_path(settings: Any) -> Path | None:
+    secret = settings.server.database.connection_url
+    url = secret.get_secret_value() if hasattr(secret, "get_secret_value") else secret
+    if not url:
+        return Path(settings.home) / "prefect.db"
+    match = re.match(r"sqlite(?:\+\w+)?:///(.*)$", str(url))
+    if match is None:
+        return None  # PostgreSQL: Prefect reports its own connection errors
+    location = unquote(match.group(1).split("?", 1)[0])
+    if not location or location == ":memory:" or location.startswith("file::memory:"):
+        return None
+    return Path(location).expanduser()
+
+
+def _known_migrations(_db_name: str = "") -> frozenset[str]:
+    """Alembic revisions of the installed Prefect's SQLite migration scripts."""
+    folder = Path(prefect.__file__).parent / "server" / "database" / "_migrations" / "versions" / "sqlite"
+    pattern = re.compile(r"^revision\s*=\s*[\"']([0-9a-zA-Z_]+)[\"']", re.MULTILINE)
+    found = set()
+    for script in folder.glob("*.py"):
+        match = pattern.search(script.read_text(errors="replace"))
+        if match:
+            found.add(match.group(1))
+    return frozenset(found)
 
 
 # --- the temporary server -------------------------------------------------
@@ -422,7 +641,15 @@ def _wait_until_recorded(since: datetime, timeout: float) -> bool:
 
 
 __all__ = [
+    "BACKGROUND_SERVER_PID_FILE",
     "CLI_ENVIRONMENT_DEFAULTS",
+    "LIBRARY_ENVIRONMENT_DEFAULTS",
+    "PERSISTENT_SERVER_HINT",
+    "apply_library_defaults",
+    "background_server_url",
+    "check_prefect_home",
+    "flow_run_ui_url",
+    "use_running_server",
     "SERVER_START_LOCK_NAME",
     "configure_cli_environment",
     "quiet_embedded_prefect",

@@ -2,13 +2,17 @@
 
 import json
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
 
+from prefect_torch.runtime import PERSISTENT_SERVER_HINT
 from tests.datasets import noisy_linear, separable_classes
+from tests.support.prefect_server import base_env
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +89,109 @@ def test_cuda_without_cuda(tmp_path, home):
     noisy_linear(60).to_csv(data, index=False)
     out = run_cli("train", str(data), "--target", "y", "--device", "cuda", home=home)
     assert out.returncode == 2 and "no usable CUDA GPU" in out.stderr
+
+
+# --- before Prefect starts --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "missing.csv", "--target", "y"], "error: Dataset file not found: missing.csv."),
+        (["train", "{data}", "--target", "price"], "error: Target column 'price' is not in the data."),
+        (["train", "{data}", "--target", "y", "--features", "x1,size"],
+         "error: Feature columns ['size'] are not in the data."),
+        (["train", "{parquet}", "--target", "y"], "is not a readable Parquet file"),
+        (["train", "{data}", "--target", "y", "--scheduler", "linear"],
+         "error: Invalid TrainSpec: scheduler.name: Input should be"),
+    ],
+    ids=["missing-file", "missing-target", "missing-feature", "unreadable-format", "unknown-option"],
+)
+def test_bad_input_is_one_line_on_stderr_before_prefect_starts(tmp_path, args, message):
+    data = tmp_path / "d.csv"
+    noisy_linear(60).to_csv(data, index=False)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really parquet")
+    home = tmp_path / "untouched-home"
+    out = run_cli(*[a.format(data=data, parquet=broken) for a in args], home=home)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [out.stderr.strip()], out.stderr  # one line, nothing from Prefect
+    assert out.stderr.startswith("error: ") and message in out.stderr
+    assert not home.exists()  # Prefect never started: no database, no server
+
+
+def test_a_prefect_home_migrated_by_a_newer_prefect_is_one_line(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    with sqlite3.connect(home / "prefect.db") as db:
+        db.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
+        db.execute("INSERT INTO alembic_version VALUES ('ffffffffffff')")
+    data = tmp_path / "d.csv"
+    noisy_linear(60).to_csv(data, index=False)
+
+    out = run_cli("train", str(data), "--target", "y", "--epochs", "1", home=home)
+
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "migrated by a newer Prefect (revision ffffffffffff" in lines[0]
+    assert "Upgrade Prefect" in lines[0] and "PREFECT_HOME" in lines[0]
+
+
+# --- a running server -------------------------------------------------------
+
+
+def run_cli_on_server(*args, home, api_url=None, timeout=300):
+    env = base_env(PREFECT_HOME=str(home))
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return subprocess.run(
+        [sys.executable, "-m", "prefect_torch.cli", *args],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )
+
+
+def run_urls(stdout):
+    return re.findall(r"^flow run in the Prefect UI: (\S+)$", stdout, re.MULTILINE)
+
+
+def test_a_run_on_a_running_server_prints_its_url(tmp_path, prefect_server):
+    data = tmp_path / "d.csv"
+    noisy_linear(120).to_csv(data, index=False)
+
+    out = run_cli_on_server("train", str(data), "--target", "y", "--epochs", "1", "--hidden", "8",
+                            home=tmp_path / "client-home", api_url=prefect_server.api_url)
+
+    assert out.returncode == 0, out.stderr
+    (url,) = run_urls(out.stdout)
+    flow_run_id = url.rsplit("/", 1)[-1]
+    assert url == f"{prefect_server.ui_url}/runs/flow-run/{flow_run_id}"
+    assert prefect_server.request("GET", f"/flow_runs/{flow_run_id}")["state_type"] == "COMPLETED"
+    assert PERSISTENT_SERVER_HINT not in out.stderr  # no temporary server was started
+
+
+def test_a_background_server_of_the_same_home_is_found(tmp_path, prefect_server):
+    """``prefect server start --background`` records only its pid, in
+    ``PREFECT_HOME/server.pid``; the process's command line has its port. The
+    fixture's server stands in for it: its pid, written where the CLI looks."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "server.pid").write_text(str(prefect_server.process.pid))
+    data = tmp_path / "d.csv"
+    noisy_linear(120).to_csv(data, index=False)
+
+    out = run_cli_on_server("train", str(data), "--target", "y", "--epochs", "1", "--hidden", "8", home=home)
+
+    assert out.returncode == 0, out.stderr
+    (url,) = run_urls(out.stdout)
+    assert url.startswith(f"{prefect_server.ui_url}/runs/flow-run/")
+    assert not (home / "prefect.db").exists()  # no temporary server ran on this home
+
+
+def test_a_run_on_the_temporary_server_says_how_to_keep_one(tmp_path, home):
+    data = tmp_path / "d.csv"
+    noisy_linear(120).to_csv(data, index=False)
+    out = run_cli("train", str(data), "--target", "y", "--epochs", "1", "--hidden", "8", home=home)
+    assert out.returncode == 0, out.stderr
+    assert run_urls(out.stdout) == []
+    assert out.stderr.count(PERSISTENT_SERVER_HINT) == 1

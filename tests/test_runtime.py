@@ -6,14 +6,20 @@ Each test runs a small command-line-style script as a subprocess with no
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import prefect
 import pytest
+
+from prefect_torch.errors import PrefectHomeError
+from prefect_torch.runtime import background_server_url, check_prefect_home
 
 from tests.support.prefect_server import PrefectServer, base_env
 
@@ -284,3 +290,78 @@ def test_server_output_is_held_back_only_once_it_is_told_to_stop(capfd):
 
     assert relay.close() == b"at-shutdown\n"
     assert "at-shutdown" not in capfd.readouterr().err
+
+
+# --- a Prefect home this Prefect cannot use ---------------------------------
+
+
+def stamped_database(home: Path, revision: str) -> Path:
+    home.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(home / "prefect.db") as db:
+        db.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
+        db.execute("INSERT INTO alembic_version VALUES (?)", (revision,))
+    return home / "prefect.db"
+
+
+@contextmanager
+def prefect_home(home: Path):
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    with temporary_settings(updates={PREFECT_HOME: str(home)}):
+        yield
+
+
+def test_a_database_migrated_by_a_newer_prefect_is_refused(tmp_path):
+    path = stamped_database(tmp_path / "home", "ffffffffffff")
+    with prefect_home(tmp_path / "home"), pytest.raises(PrefectHomeError) as raised:
+        check_prefect_home()
+    message = str(raised.value)
+    assert f"{path} was migrated by a newer Prefect (revision ffffffffffff is unknown" in message
+    assert "Upgrade Prefect" in message and "PREFECT_HOME" in message and "\n" not in message
+
+
+def test_a_database_at_a_revision_this_prefect_knows_is_accepted(tmp_path):
+    newest = sorted((Path(prefect.__file__).parent / "server/database/_migrations/versions/sqlite").glob("*.py"))[-1]
+    revision = re.search(r'^revision = "(\w+)"', newest.read_text(), re.MULTILINE).group(1)
+    stamped_database(tmp_path / "home", revision)
+    with prefect_home(tmp_path / "home"):
+        check_prefect_home()  # no error
+    with prefect_home(tmp_path / "fresh"):
+        check_prefect_home()  # no database yet: the server creates it
+
+
+def test_a_corrupt_database_is_refused(tmp_path):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "prefect.db").write_bytes(b"this is not an SQLite database" * 100)
+    with prefect_home(tmp_path / "home"), pytest.raises(PrefectHomeError, match="is corrupt"):
+        check_prefect_home()
+
+
+def test_a_stale_background_server_pid_file_is_ignored(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    (tmp_path / "server.pid").write_text(finished.stdout.strip())
+    assert background_server_url(tmp_path) is None
+    assert background_server_url(tmp_path / "no-such-home") is None
+
+
+# --- the Python API's defaults ----------------------------------------------
+
+ANALYTICS = (
+    "import prefect_torch.flows\n"
+    "from prefect.settings import get_current_settings\n"
+    "print(get_current_settings().server.analytics_enabled)\n"
+)
+
+
+@pytest.mark.parametrize(("user_setting", "expected"), [(None, "False"), ("true", "True")])
+def test_the_python_api_turns_server_telemetry_off_unless_the_user_set_it(tmp_path, user_setting, expected):
+    """The temporary server's telemetry heartbeat printed ``database is locked``
+    tracebacks into Python-API runs; the CLI always turned it off."""
+    env = base_env(PREFECT_HOME=str(tmp_path))
+    del env["PREFECT_SERVER_ANALYTICS_ENABLED"]
+    if user_setting is not None:
+        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = user_setting
+    out = subprocess.run([sys.executable, "-c", ANALYTICS], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected

@@ -2,6 +2,10 @@
 routing (``pipeline_flow`` → ``pool_train_flow`` on a work pool), ``retrain_flow``
 and ``sweep_flow`` (hyperparameter search)."""
 
+from prefect_torch._prefect_defaults import apply_library_defaults
+
+apply_library_defaults()  # before any flow starts Prefect's temporary server
+
 from prefect_torch.flows.params import DatasetSpec, TrainFlowResult
 from prefect_torch.flows.retrain import NewestDataset, PromotionSpec, RetrainResult, retrain_flow
 from prefect_torch.flows.routing import PipelineResult, RoutingSpec, StoredTrainResult, pipeline_flow, pool_train_flow

@@ -1,5 +1,9 @@
 """Every training card as a Prefect task, named by its card type."""
 
+from prefect_torch._prefect_defaults import apply_library_defaults
+
+apply_library_defaults()  # before any flow starts Prefect's temporary server
+
 from prefect_torch.tasks.data import data_load, data_split
 from prefect_torch.tasks.evaluate import evaluate
 from prefect_torch.tasks.model import model_define, training_init_optimizer

@@ -17,7 +17,7 @@ from prefect.cache_policies import CachePolicy
 
 import prefect_torch
 from prefect_torch.engine.handles import lineage_key
-from prefect_torch.errors import ConfigError
+from prefect_torch.errors import ConfigError, PrefectTorchError
 
 
 def input_key(value: Any) -> Any:
@@ -73,7 +73,14 @@ class SourceLineage(Lineage):
         from prefect_torch.engine.fingerprint import source_key
 
         spec = inputs["spec"]
-        fingerprinted = {**inputs, "source": source_key(spec.uri, cache_dir=fingerprint_cache())}
+        try:
+            source = source_key(spec.uri, cache_dir=fingerprint_cache())
+        except (PrefectTorchError, OSError):
+            # Unreadable data has no key. Without one the card runs uncached and
+            # fails with the loader's clear error; raising here would make Prefect
+            # log a misleading "Error encountered when computing cache key" first.
+            return None
+        fingerprinted = {**inputs, "source": source}
         return super().compute_key(task_ctx, fingerprinted, flow_parameters, **kwargs)
 
 
