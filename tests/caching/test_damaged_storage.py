@@ -1,4 +1,4 @@
-"""Every stored file damaged at once (results, checkpoints, the saved model): the
+"""Every stored file damaged at once (results, split tensors, checkpoints, the saved model): the
 rerun, through the command line as a user runs it, warns about each, recomputes
 and ends with the same metrics as the first run."""
 
@@ -45,10 +45,12 @@ def test_a_rerun_over_damaged_results_checkpoints_and_model_recomputes_the_same_
 
     storage = home / "prefect-torch"
     results = sorted(p for p in (storage / "results").rglob("*") if p.is_file())
+    tensors = sorted(p for p in (storage / "tensors").rglob("*") if p.is_file())
+    intact_tensors = {p: p.read_bytes() for p in tensors}
     checkpoints = sorted(p for p in (storage / "checkpoints").rglob("*") if p.is_file())
     saved = sorted(p for p in model.iterdir() if p.is_file())
-    assert len(results) >= 5 and len(checkpoints) == 4 and len(saved) == 2
-    for path in results + checkpoints + saved:
+    assert len(results) >= 5 and len(tensors) >= 1 and len(checkpoints) == 4 and len(saved) == 2
+    for path in results + tensors + checkpoints + saved:
         flip_middle_byte(path)
     newest_tensors = max(p for p in checkpoints if p.suffix == ".safetensors")
     newest_tensors.write_bytes(newest_tensors.read_bytes()[:100])  # and a truncated one
@@ -62,6 +64,8 @@ def test_a_rerun_over_damaged_results_checkpoints_and_model_recomputes_the_same_
     for json_file in (p for p in checkpoints if p.suffix == ".json"):
         assert f"Skipping the checkpoint {json_file}" in logs
     assert "training starts over" in logs
+    # The split's tensor file was written again, whole.
+    assert {p: p.read_bytes() for p in tensors} == intact_tensors
     # The saved model was written again, whole: it loads, verified, with the same weights.
     assert (model / WEIGHTS_FILE).read_bytes() == weights
     assert load_model(str(model)).metrics == summary["metrics"]
