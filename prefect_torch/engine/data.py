@@ -20,6 +20,7 @@ from pydantic import Field
 
 from prefect_torch.engine.csvread import read_csv_bytes
 from prefect_torch.engine.fingerprint import content_key, remember, take_bytes
+from prefect_torch.engine.peek import detect_format
 from prefect_torch.engine.records import Recordable
 from prefect_torch.engine.spec import Spec
 from prefect_torch.errors import DataError
@@ -28,7 +29,6 @@ DataFormat = Literal["auto", "csv", "parquet"]
 Delimiter = Literal["auto", ",", ";", "\t", "|"]
 
 _PARQUET_MAGIC = b"PAR1"
-_GZIP_MAGIC = b"\x1f\x8b"
 
 
 class LoadSpec(Spec):
@@ -189,7 +189,7 @@ def load_table(
     key = content_key(raw)
     if stat is not None:
         remember(_local(spec.uri), stat, key, fingerprint_cache)
-    fmt = _detect_format(spec.uri, spec.format, raw)
+    fmt = detect_format(spec.uri, spec.format, raw)
     if fmt == "parquet":
         frame, first_line, lines = _parse_parquet(raw, source), None, None
     else:
@@ -236,20 +236,6 @@ def _read_bytes(uri: str, storage_options: dict[str, Any] | None) -> tuple[bytes
         raise DataError(f"Dataset not found: {uri}. Check the URL and that the object exists.") from exc
     except (OSError, ValueError, ImportError) as exc:
         raise DataError(f"Cannot read {uri}: {exc}. Check the URL, endpoint and credentials.") from exc
-
-
-def _detect_format(uri: str, declared: str, raw: bytes) -> str:
-    if declared != "auto":
-        return declared
-    name = uri.lower()
-    if raw[:4] == _PARQUET_MAGIC or name.endswith((".parquet", ".pq")):
-        return "parquet"
-    if name.endswith((".csv", ".csv.gz", ".txt", ".tsv")) or raw[:2] == _GZIP_MAGIC:
-        return "csv"
-    raise DataError(
-        f"Cannot tell the format of {uri}: it is neither CSV nor Parquet by name or content. "
-        "Pass format='csv' or format='parquet' (CLI: --format)."
-    )
 
 
 # --- Parquet -------------------------------------------------------------------

@@ -49,7 +49,7 @@ def check_columns(
             head = handle.read(_HEADER_BYTES)
     except OSError as exc:
         raise DataError(f"Cannot read {uri}: {exc.strerror}. Check its permissions.") from exc
-    columns = _columns(path, uri, head, _format(uri, fmt, head))
+    columns = _columns(path, uri, head, detect_format(uri, fmt, head))
     if columns is None:
         return None
     if target is not None and target not in columns:
@@ -63,7 +63,8 @@ def check_columns(
     return columns
 
 
-def _format(uri: str, declared: str, head: bytes) -> str:
+def detect_format(uri: str, declared: str, head: bytes) -> str:
+    """'csv' or 'parquet': the declared format, else from the file name and its first bytes."""
     if declared != "auto":
         return declared
     name = uri.lower()

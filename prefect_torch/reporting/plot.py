@@ -66,6 +66,21 @@ def loss_curves_svg(
     return line_chart_svg(loss_series(history), title, "epoch", y_label, width, height, mark_best="val loss")
 
 
+# Left, right, top and bottom margins around a chart's plot area, in pixels.
+PLOT_MARGINS = (72, 24, 44, 52)
+
+
+def svg_frame(title: str, width: int, height: int, title_x: int = PLOT_MARGINS[0]) -> list[str]:
+    """The opening of a chart's SVG: the canvas, an opaque background (the chart stays
+    readable in the UI's dark theme) and the title. Close it with ``</svg>``."""
+    return [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="#ffffff" rx="6"/>',
+        f'<text x="{title_x}" y="26" font-size="15" font-weight="bold" fill="#111827">{escape(title)}</text>',
+    ]
+
+
 def line_chart_svg(
     series: list[Series],
     title: str,
@@ -77,15 +92,9 @@ def line_chart_svg(
 ) -> str:
     """An SVG line chart of ``series``; the y axis is logarithmic when the values call for it
     (``prefers_log_axis``), and the y label then says so."""
-    left, right, top, bottom = 72, 24, 44, 52
+    left, right, top, bottom = PLOT_MARGINS
     plot_w, plot_h = width - left - right, height - top - bottom
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">',
-        # An opaque background: the chart stays readable in the UI's dark theme.
-        f'<rect width="{width}" height="{height}" fill="#ffffff" rx="6"/>',
-        f'<text x="{left}" y="26" font-size="15" font-weight="bold" fill="#111827">{escape(title)}</text>',
-    ]
+    parts = svg_frame(title, width, height)
     if not series:
         parts.append(
             f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" fill="#6b7280">'

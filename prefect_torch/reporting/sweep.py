@@ -9,7 +9,7 @@ import math
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape
 
-from prefect_torch.reporting.plot import _nice_step, svg_data_uri
+from prefect_torch.reporting.plot import PLOT_MARGINS, _nice_step, svg_data_uri, svg_frame
 from prefect_torch.reporting.text import fmt_number, md_escape, table_cell
 
 if TYPE_CHECKING:
@@ -40,14 +40,9 @@ def trials_svg(trials: list["TrialSummary"], metric: str, maximize: bool, width:
     """The metric of every finished trial against its number, coloured by state,
     with a line through the best value so far."""
     points = [(t.number, t.value, t.state) for t in trials if t.value is not None and math.isfinite(t.value)]
-    left, right, top, bottom = 72, 24, 44, 52
+    left, right, top, bottom = PLOT_MARGINS
     plot_w, plot_h = width - left - right, height - top - bottom
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">',
-        f'<rect width="{width}" height="{height}" fill="#ffffff" rx="6"/>',
-        f'<text x="{left}" y="26" font-size="15" font-weight="bold" fill="#111827">{escape(metric)} per trial</text>',
-    ]
+    parts = svg_frame(f"{metric} per trial", width, height)
     if not points:
         parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" fill="#6b7280">no trial values yet</text></svg>')
         return "".join(parts)
@@ -104,12 +99,7 @@ def importance_svg(importances: dict[str, float], width: int = 720) -> str:
     bar_h, top, left = 24, 44, 160
     height = top + max(1, len(items)) * (bar_h + 8) + 16
     plot_w = width - left - 80
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">',
-        f'<rect width="{width}" height="{height}" fill="#ffffff" rx="6"/>',
-        f'<text x="24" y="26" font-size="15" font-weight="bold" fill="#111827">Parameter importance</text>',
-    ]
+    parts = svg_frame("Parameter importance", width, height, title_x=24)
     for i, (name, share) in enumerate(items):
         y = top + i * (bar_h + 8)
         parts.append(f'<text x="{left - 8}" y="{y + bar_h / 2 + 4}" text-anchor="end" fill="#111827">{escape(name)}</text>')
