@@ -4,7 +4,8 @@
   study, its SQLite storage, heartbeats, the task runner, the trial bookkeeping,
   saving the best model and the artifacts) over the same K trainings as bare Train
   card runs after one Load and Split, with the very same parameters, each side on
-  its own result storage so neither gets the other's cache hits (target ≤ 1.2).
+  its own result storage and with its own checkpoints so neither gets the other's
+  cache hits or resumes from the other's last checkpoint (target ≤ 1.2).
 - parallel: wall time of 8 trials at parallelism 1 and at 2 (same space, sampler
   seed and training; a different training seed per sweep so no trial is a cache
   hit of the other sweep's), and the speed-up.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -36,7 +38,7 @@ from prefect_torch.engine.search import apply_params  # noqa: E402
 from prefect_torch.flows.params import DatasetSpec, PrunerSpec  # noqa: E402
 from prefect_torch.flows.sweep import SweepSpec, sweep_flow  # noqa: E402
 from prefect_torch.tasks import data_load, data_split, model_define, train  # noqa: E402
-from prefect_torch.tasks._common import persisted_in  # noqa: E402
+from prefect_torch.tasks._common import default_checkpoints_root, persisted_in  # noqa: E402
 
 SPACE = {"lr": {"log_uniform": [1e-4, 3e-2]}, "dropout": {"uniform": [0.0, 0.3]}}
 
@@ -47,6 +49,13 @@ def make_data(path: str, rows: int) -> None:
     frame = pd.DataFrame(X, columns=[f"x{i}" for i in range(16)])
     frame["y"] = X @ rng.normal(size=16) + 0.5 * np.sin(X[:, 0]) + 0.1 * rng.normal(size=rows)
     frame.to_csv(path, index=False)
+
+
+def forget_checkpoints() -> None:
+    """Both sides write the Train card's checkpoints under the Prefect home, filed by
+    lineage; the bare side would otherwise resume from the sweep's last checkpoint of
+    the same parameters and train nothing."""
+    shutil.rmtree(default_checkpoints_root(), ignore_errors=True)
 
 
 @flow(name="bare-trainings")
@@ -91,8 +100,10 @@ def main() -> None:
         bare_trainings(dataset, [{"lr": 1e-3}], model, training.model_copy(update={"epochs": 1}),
                        os.path.join(work, "warmup"))
 
+        forget_checkpoints()
         sweep_s, result = timed_sweep(dataset, args.trials, 1, model, training, "bench-overhead")
         params = [t.params for t in result.trials]
+        forget_checkpoints()
         bare_s = bare_trainings(dataset, params, model, training, os.path.join(work, "bare"))
         out["overhead"] = {
             "trials": args.trials, "sweep_seconds": round(sweep_s, 3), "bare_train_cards_seconds": round(bare_s, 3),
