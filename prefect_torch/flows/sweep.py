@@ -431,7 +431,7 @@ def sweep_flow(
     from prefect.futures import as_completed
 
     from prefect_torch.blocks.sweeps import sweep_database
-    from prefect_torch.tasks import data_load, data_split, model_define, train
+    from prefect_torch.tasks import data_load, data_split, evaluate, model_define, train
     from prefect_torch.tasks._common import persisted_in
 
     logger = get_run_logger()
@@ -442,7 +442,8 @@ def sweep_flow(
         problem = check_deployment_available(sweep.deployment)
         if problem is not None:  # before the study gets trials no worker will run
             raise DeviceError(f"The sweep's trials go to {sweep.deployment!r}, but: {problem}")
-    load, split = persisted_in(None, data_load, data_split)
+    # One call: each saves the result storage block on the API, which costs round trips.
+    load, split, define, fit, score = persisted_in(None, data_load, data_split, model_define, train, evaluate)
     splits = split(load(dataset.load_spec()), dataset.split_spec())
     problem = splits.info.problem
     if sweep.metric != VAL_LOSS and (sweep.metric == "r2") != (problem == "regression"):
@@ -464,7 +465,7 @@ def sweep_flow(
     run_here: list[int] = []
     first_error: BaseException | None = None
     inflight: dict[Any, tuple[Any, int, float, TrainSpec | None]] = {}
-    cards = persisted_in(None, model_define, train)
+    cards = (define, fit)
     launched = 0
     threads = _shared_torch_threads(sweep.parallel) if not sweep.deployment else nullcontext()
     with threads, _heartbeats(storage, sweep.heartbeat_s) as beating:
@@ -505,7 +506,8 @@ def sweep_flow(
         if first_error is not None:
             raise first_error
         raise TrainingError(f"No trial of study {name} completed; see the failed trials' errors in its table.")
-    best = _best(study, dataset, splits, model, optimizer, training, sweep, storage_block, model_name)
+    best = _best(study, dataset, splits, model, optimizer, training, sweep, storage_block, model_name,
+                 (define, fit, score))
     result = SweepResult(study_name=name, metric=sweep.metric, direction=direction, best=best, trials=trials,
                          run_here=run_here)
     _publish(result, study, logger)
@@ -571,7 +573,7 @@ def summarize(study) -> list[TrialSummary]:
 
 def _best(
     study, dataset: DatasetSpec, splits, model: ModelSpec, optimizer: OptimizerSpec, training: TrainSpec,
-    sweep: SweepSpec, storage_block: str | None, model_name: str | None,
+    sweep: SweepSpec, storage_block: str | None, model_name: str | None, cards,
 ) -> BestTrial:
     """Save the best trial's model and measure it on the test split; register it if asked."""
     from prefect_torch.flows.routing import load_storage
@@ -586,7 +588,8 @@ def _best(
         metrics = dict(best.user_attrs.get("test_metrics") or {})
         model_uri = storage.url(path)
     else:
-        model_uri, metrics, path = _save_best(best.number, study.study_name, splits, model, optimizer, training, storage)
+        model_uri, metrics, path = _save_best(cards, best.number, study.study_name, splits, model, optimizer, training,
+                                              storage)
     logger.info("best trial %d: %s = %.6g; test metrics %s; model at %s", best.number, sweep.metric, best.value,
                 metrics, model_uri)
     version, promoted = None, False
@@ -597,7 +600,7 @@ def _best(
                      registered_version=version, promoted=promoted)
 
 
-def _save_best(number, study_name, splits, model, optimizer, training, storage):
+def _save_best(cards, number, study_name, splits, model, optimizer, training, storage):
     """The Train card again (a cache hit: the trial trained it, from the same fork of the
     defined model), evaluated on the test split and saved to storage."""
     import tempfile
@@ -605,10 +608,8 @@ def _save_best(number, study_name, splits, model, optimizer, training, storage):
 
     from prefect_torch.flows.routing import model_upload
     from prefect_torch.flows.train import model_save
-    from prefect_torch.tasks import evaluate, model_define, train
-    from prefect_torch.tasks._common import persisted_in
 
-    define, fit, score = persisted_in(None, model_define, train, evaluate)
+    define, fit, score = cards
     trained = fit(splits, define(model, splits).fork(), optimizer, training)
     metrics = score(trained.model, splits, "test")
     path = f"models/sweeps/{study_name}/trial-{number}"
