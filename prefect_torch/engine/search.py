@@ -305,15 +305,27 @@ class ReportToTrial(Callback):
     def __init__(self, trial: Any, metric: str = VAL_LOSS):
         self.trial = trial
         self.metric = metric
+        self.may_prune = _may_prune(trial)
 
     def on_epoch_end(self, trainer: "Trainer", record: EpochRecord) -> None:
         value = epoch_value(record, self.metric)
         if value is None or not math.isfinite(value):
             return
         self.trial.report(value, step=record.epoch)
-        if record.epoch < trainer.spec.epochs and self.trial.should_prune():
+        if record.epoch < trainer.spec.epochs and self.may_prune and self.trial.should_prune():
             self.trial.set_user_attr(USER_ATTR_PRUNED, record.epoch)
             raise TrialPruned(record.epoch, value)
+
+
+def _may_prune(trial: Any) -> bool:
+    """False when the trial's study prunes nothing (Optuna's NopPruner): asking it each
+    epoch would only read the trial back from the study's storage to answer no."""
+    pruner = getattr(getattr(trial, "study", None), "pruner", None)
+    if pruner is None:
+        return True
+    from optuna.pruners import NopPruner
+
+    return not isinstance(pruner, NopPruner)
 
 
 __all__ = [

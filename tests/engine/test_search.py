@@ -1,11 +1,15 @@
 """Search spaces: every name and range is checked against the specs' own rules."""
 
+from types import SimpleNamespace
+
 import pytest
 
-from prefect_torch.engine.loop import TrainSpec
+from prefect_torch.engine.loop import EpochRecord, TrainSpec
 from prefect_torch.engine.models import ModelSpec
 from prefect_torch.engine.optim import OptimizerSpec
 from prefect_torch.engine.search import (
+    ReportToTrial,
+    TrialPruned,
     apply_params,
     check_metric,
     check_space,
@@ -76,3 +80,32 @@ def test_a_trial_scores_the_epoch_whose_weights_it_kept():
     assert trial_value(history, "r2", restored) == 0.7
     with pytest.raises(ConfigError, match="val_fraction"):
         trial_value([{"val_loss": None, "val_metrics": {}}], "val_loss", TrainSpec())
+
+
+def _epoch(epoch: int, val_loss: float) -> EpochRecord:
+    return EpochRecord(epoch=epoch, train_loss=val_loss, val_loss=val_loss, val_metrics={}, lr=1e-3, seconds=0.1,
+                       samples_per_s=1.0)
+
+
+@pytest.mark.parametrize("pruner, pruned", [("median", True), ("none", False)])
+def test_reporting_to_a_trial_prunes_only_under_a_pruner(pruner, pruned):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    built = optuna.pruners.NopPruner() if pruner == "none" else optuna.pruners.MedianPruner(n_startup_trials=1)
+    study = optuna.create_study(pruner=built)
+    trainer = SimpleNamespace(spec=TrainSpec(epochs=3))  # what the callback reads of the Trainer
+    first = study.ask()
+    for epoch in (1, 2, 3):
+        ReportToTrial(first).on_epoch_end(trainer, _epoch(epoch, 0.1))
+    study.tell(first, 0.1)
+    worse = study.ask()
+    callback = ReportToTrial(worse)
+    assert callback.may_prune is pruned  # a NopPruner study is not asked each epoch
+    if pruned:
+        with pytest.raises(TrialPruned):
+            callback.on_epoch_end(trainer, _epoch(1, 5.0))
+    else:
+        for epoch in (1, 2):
+            callback.on_epoch_end(trainer, _epoch(epoch, 5.0))
+    assert study.trials[1].intermediate_values[1] == 5.0
