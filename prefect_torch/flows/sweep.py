@@ -175,13 +175,23 @@ def _rdb_storage(url: str, heartbeat_s: int):
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": 60}  # threads and processes share the file
-    with warnings.catch_warnings():
-        # Heartbeats are marked experimental in Optuna; they are how a killed sweep's trials come back.
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-        )
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                # Heartbeats are marked experimental in Optuna; they are how a killed sweep's trials come back.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                )
+            break
+        except (IntegrityError, OperationalError):
+            # Another process set up the same new database at the same moment (Optuna creates its
+            # tables and stamps its schema version once; the second is refused): open it again.
+            if attempt == 2:
+                raise
     if url.startswith("sqlite"):
         _write_ahead_log(storage.engine)
     return storage

@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from prefect_torch.blocks import ModelRegistry
 from prefect_torch.blocks.sweeps import default_sweep_database
@@ -180,7 +181,10 @@ def _cli(csv: str, space: Path, home: Path, *extra: str) -> subprocess.Popen:
 
 
 def _finished(storage: str) -> dict[int, float]:
-    names = optuna.get_all_study_names(storage) if Path(storage.removeprefix("sqlite:///")).exists() else []
+    try:
+        names = optuna.get_all_study_names(storage) if Path(storage.removeprefix("sqlite:///")).exists() else []
+    except (IntegrityError, OperationalError):  # the sweep is setting up the new database this very moment
+        return {}
     if not names:
         return {}
     study = optuna.load_study(study_name=names[0], storage=storage)
