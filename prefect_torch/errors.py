@@ -39,6 +39,12 @@ class TrainingError(PrefectTorchError, RuntimeError):
     """Training cannot continue (for example the loss became NaN)."""
 
 
+class TrainingStopped(PrefectTorchError):
+    """A callback stopped training on purpose (a sweep's pruner, for example). Not a
+    failure: the Train card ends ``Cancelled`` with this message, without a traceback,
+    and nothing is cached, so a stopped run is never taken for a finished one."""
+
+
 class StaleHandleError(PrefectTorchError, RuntimeError):
     """A handle refers to a model or optimizer state that has since changed."""
 

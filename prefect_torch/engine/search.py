@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 from prefect_torch.engine.loop import Callback, EpochRecord, TrainSpec
 from prefect_torch.engine.models import ModelSpec
 from prefect_torch.engine.optim import OptimizerSpec
-from prefect_torch.errors import ConfigError
+from prefect_torch.errors import ConfigError, TrainingStopped
 
 if TYPE_CHECKING:
     from prefect_torch.engine.loop import Trainer
@@ -283,7 +283,7 @@ def trial_value(history: list[dict[str, Any]], metric: str, training: TrainSpec)
 # -- pruning ---------------------------------------------------------------------------
 
 
-class TrialPruned(Exception):
+class TrialPruned(TrainingStopped):
     """A trial the pruner stopped; carries the epoch it stopped after."""
 
     def __init__(self, epoch: int, value: float):

@@ -43,13 +43,13 @@ from typing import Any, Iterator, Literal
 from pydantic import BaseModel, Field
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import CancelledRun
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from prefect_torch.engine.loop import TrainSpec
 from prefect_torch.engine.models import ModelSpec
 from prefect_torch.engine.optim import OptimizerSpec
 from prefect_torch.engine.search import (
-    HIGHER_IS_BETTER,
     USER_ATTR_PRUNED,
     VAL_LOSS,
     ReportToTrial,
@@ -506,7 +506,7 @@ def sweep_flow(
             # Record the first trial to finish.
             done = next(iter(as_completed(list(inflight))))
             trial, trial_id, started, trained_with = inflight.pop(done)
-            error = _tell(study, trial, _outcome(done, started, trained_with, sweep.metric), logger)
+            error = _tell(study, trial, _outcome(done, started, trained_with, sweep.metric, trial), logger)
             beating.discard(trial_id)
             if error is not None and first_error is None:
                 first_error = error
@@ -524,12 +524,17 @@ def sweep_flow(
     return result
 
 
-def _outcome(future, started: float, training: TrainSpec | None, metric: str) -> TrialOutcome | BaseException:
+def _outcome(future, started: float, training: TrainSpec | None, metric: str, trial) -> TrialOutcome | BaseException:
     """What a finished trial run came to: its outcome, or the exception it raised."""
     try:
         result = future.result()
     except TrialPruned as pruned:
         return TrialOutcome("PRUNED", pruned.value, time.perf_counter() - started)
+    except CancelledRun as cancelled:
+        # The Train card ends Cancelled when its pruner stopped it (see tasks/train.py).
+        if trial.user_attrs.get(USER_ATTR_PRUNED) is not None:
+            return TrialOutcome("PRUNED", None, time.perf_counter() - started)
+        return cancelled
     except Exception as exc:  # noqa: BLE001 - a failed trial is recorded; the sweep goes on
         return exc
     if isinstance(result, TrialOutcome):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.states import Cancelled
 
 from prefect_torch.engine.handles import ModelHandle
 from prefect_torch.engine.loop import Callback, EpochRecord, Trainer, TrainSpec
@@ -16,6 +17,7 @@ from prefect_torch.reporting import TrainingReport
 from prefect_torch.engine.checkpoint import CheckpointCallback, checkpoint_key, resume_trainer
 from prefect_torch.engine.distributed import ParallelTrainer, is_parallel, lineage_spec
 from prefect_torch.engine.fileio import join
+from prefect_torch.errors import TrainingStopped
 from prefect_torch.tasks._common import coarse_card, default_checkpoints_root
 from prefect_torch.tasks.lineage import Lineage
 
@@ -108,8 +110,13 @@ def train(
         model.spec.short_name(), optimizer.short_name(), trainer.device,
         len(splits.train), training.epochs, trainer.steps_per_epoch,
     )
-    with report.running(trainer):  # progress while it runs; history, curves and summary at the end
-        result = trainer.fit()
+    try:
+        with report.running(trainer):  # progress while it runs; history, curves and summary at the end
+            result = trainer.fit()
+    except TrainingStopped as stopped:
+        # Stopped on purpose (a pruned sweep trial): one line in the UI, no traceback, nothing cached.
+        logger.info("stopped: %s", stopped)
+        return Cancelled(message=str(stopped))
     logger.info("stopped: %s", result.stop_reason)
     trained = model.advance(
         "train", {"optimizer": optimizer.model_dump(mode="json"), "training": training.model_dump(mode="json")},

@@ -130,9 +130,12 @@ def test_a_killed_worker_leaves_the_registry_and_the_champion(project: Project, 
     registry = ModelRegistry(storage=project.storage)
     champion = registry.register(name, _stored_model(project, f"models/{name}-champion"), metrics={"r2": 0.5})
     registry.set_alias(name, "champion", champion.version, expected_version=None)
-    # The registry's and the models' files; card results and checkpoints may come and go.
+    # The registry's and the models' files; card results (records and split tensors) and
+    # checkpoints may come and go.
     def registry_files():
-        return sorted(p for p in registry.storage.list("") if not p.startswith(("results/", "checkpoints/")))
+        return sorted(
+            p for p in registry.storage.list("") if not p.startswith(("results/", "tensors/", "checkpoints/"))
+        )
 
     before = registry_files()
 
