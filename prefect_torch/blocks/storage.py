@@ -442,6 +442,7 @@ class TorchStorage(WritableFileSystem):
         down_since = _DOWN_ENDPOINTS.get(endpoint) if endpoint is not None else None
         known_down = down_since is not None and started - down_since < _KNOWN_DOWN_S
         for attempt in range(1, _ATTEMPTS + 1):
+            attempt_started = time.monotonic()
             try:
                 result = operation()
                 _DOWN_ENDPOINTS.pop(endpoint, None)
@@ -449,7 +450,12 @@ class TorchStorage(WritableFileSystem):
             except PrefectTorchError:
                 raise
             except Exception as exc:
-                out_of_time = time.monotonic() - started + backoff > _RETRY_DEADLINE_S
+                # No new attempt that would end past the deadline. The next one is expected to
+                # fail as slowly as this one (a refused connect is slow on a busy machine), at
+                # most a connect timeout: a hung endpoint's long attempts are bounded apart.
+                now = time.monotonic()
+                expected = min(now - attempt_started, _S3_CONNECT_TIMEOUT_S)
+                out_of_time = now - started + backoff + expected > _RETRY_DEADLINE_S
                 gave_up = known_down or attempt == _ATTEMPTS or out_of_time
                 if endpoint is not None and gave_up and not _is_permanent(exc):
                     _DOWN_ENDPOINTS[endpoint] = down_since if known_down else time.monotonic()
