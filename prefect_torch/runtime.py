@@ -61,6 +61,7 @@ This module imports Prefect but not torch.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
 import re
@@ -80,7 +81,6 @@ import httpx
 import prefect
 import prefect.context
 from prefect.logging import get_logger
-from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import get_current_settings
 
 from prefect_torch._prefect_defaults import (
@@ -281,9 +281,12 @@ def flow_run_ui_url(flow_run_id: Any) -> str | None:
     return f"{str(ui_url).rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
-def _owned_temporary_server() -> "_QuietTemporaryServer | None":
-    current = SubprocessASGIServer._instances.get(None)
-    return current if isinstance(current, _QuietTemporaryServer) else None
+def _owned_temporary_server() -> Any:
+    """The quiet temporary server an enclosing block started, if any."""
+    if "prefect.server.api.server" not in sys.modules:
+        return None  # nothing imported Prefect's server code, so no temporary server exists
+    current = _temporary_server_class()._instances.get(None)
+    return current if isinstance(current, _quiet_server_class()) else None
 
 
 # --- a server that is already running ---------------------------------------
@@ -429,74 +432,90 @@ def _known_migrations(_db_name: str = "") -> frozenset[str]:
 # --- the temporary server -------------------------------------------------
 
 
-class _QuietTemporaryServer(SubprocessASGIServer):
-    """Prefect's temporary server, started under a lock and stopped quietly.
+def _temporary_server_class() -> Any:
+    # Imported on demand: Prefect's server package takes seconds to import, and a
+    # command that uses a running server (or only checks its input) never needs it.
+    from prefect.server.api.server import SubprocessASGIServer
 
-    Registered as the default instance (``SubprocessASGIServer()``), which is
-    the one Prefect's clients start on demand: the same hook
-    ``prefect.testing.utilities.prefect_test_harness`` uses.
-    """
-
-    def __init__(self, port: int | None = None):
-        super().__init__(port)
-        if not hasattr(self, "_relays"):
-            self._relays: list[_OutputRelay] = []
-
-    def start(self, timeout: int | None = None) -> None:
-        if self.running:
-            return
-        with _exclusive_lock(get_current_settings().home / SERVER_START_LOCK_NAME):
-            super().start(timeout)
-
-    def _run_uvicorn_command(self) -> Any:
-        relay = _OutputRelay()
-        try:
-            with relay.as_child_stderr():
-                process = super()._run_uvicorn_command()
-        except BaseException:
-            relay.discard()
-            raise
-        relay.start()
-        self._relays.append(relay)
-        return process
-
-    def stop(self) -> None:
-        for relay in self._relays:
-            relay.hold_back()
-        try:
-            super().stop()
-        finally:
-            held = b"".join(relay.close() for relay in self._relays)
-            self._relays.clear()
-            if held.strip():
-                logger.debug(
-                    "Temporary server output after it was told to stop:\n%s",
-                    held.decode(errors="replace").rstrip(),
-                )
+    return SubprocessASGIServer
 
 
-def _install_quiet_server() -> _QuietTemporaryServer | None:
+@functools.cache
+def _quiet_server_class() -> Any:
+    """Prefect's temporary server, started under a lock and stopped quietly (see below)."""
+    SubprocessASGIServer = _temporary_server_class()
+
+    class _QuietTemporaryServer(SubprocessASGIServer):
+        """Prefect's temporary server, started under a lock and stopped quietly.
+
+        Registered as the default instance (``SubprocessASGIServer()``), which is
+        the one Prefect's clients start on demand: the same hook
+        ``prefect.testing.utilities.prefect_test_harness`` uses.
+        """
+
+        def __init__(self, port: int | None = None):
+            super().__init__(port)
+            if not hasattr(self, "_relays"):
+                self._relays: list[_OutputRelay] = []
+
+        def start(self, timeout: int | None = None) -> None:
+            if self.running:
+                return
+            with _exclusive_lock(get_current_settings().home / SERVER_START_LOCK_NAME):
+                super().start(timeout)
+
+        def _run_uvicorn_command(self) -> Any:
+            relay = _OutputRelay()
+            try:
+                with relay.as_child_stderr():
+                    process = super()._run_uvicorn_command()
+            except BaseException:
+                relay.discard()
+                raise
+            relay.start()
+            self._relays.append(relay)
+            return process
+
+        def stop(self) -> None:
+            for relay in self._relays:
+                relay.hold_back()
+            try:
+                super().stop()
+            finally:
+                held = b"".join(relay.close() for relay in self._relays)
+                self._relays.clear()
+                if held.strip():
+                    logger.debug(
+                        "Temporary server output after it was told to stop:\n%s",
+                        held.decode(errors="replace").rstrip(),
+                    )
+
+    return _QuietTemporaryServer
+
+
+def _install_quiet_server() -> Any:
     """Make a quiet server Prefect's default one; ``None`` if another owns it.
 
     An enclosing ``quiet_embedded_prefect`` owns the quiet server already;
     a plain one already running stays as Prefect runs it.
     """
+    SubprocessASGIServer, quiet_server = _temporary_server_class(), _quiet_server_class()
     current = SubprocessASGIServer._instances.get(None)
-    if isinstance(current, _QuietTemporaryServer):
+    if isinstance(current, quiet_server):
         return None
     if current is not None:
         if current.running:
             logger.debug("A temporary server already runs; shutdown stays Prefect's.")
             return None
         del SubprocessASGIServer._instances[None]
-    return _QuietTemporaryServer()
+    return quiet_server()
 
 
-def _release_quiet_server(server: _QuietTemporaryServer) -> None:
+def _release_quiet_server(server: Any) -> None:
     if server.running:
         server.stop()
-    elif SubprocessASGIServer._instances.get(None) is server:
-        del SubprocessASGIServer._instances[None]
+    elif _temporary_server_class()._instances.get(None) is server:
+        del _temporary_server_class()._instances[None]
 
 
 class _OutputRelay:
