@@ -14,6 +14,7 @@ import pytest
 
 from prefect_torch.engine import csvread
 from prefect_torch.engine.csvread import read_csv_bytes
+from prefect_torch.errors import DataError
 
 FILES = {
     "floats": b"a,b,y\n0.1,1e-3,2.5\n-1.25,3.0e10,0.0\n1.7976931348623157e308,5e-324,-0.0\n",
@@ -22,6 +23,8 @@ FILES = {
     "quoted numbers": b'a,y\n"1.5",1\n"2",0\n',
     "blank lines": b"a,y\n1,2\n\n3,4\n\n",
     "crlf": b"a,y\r\n1,2\r\n3,4\r\n",
+    "blank lines before the header": b"\n\na,y\n1,2\n",
+    "old Mac line ends": b"a,y\r1,2\r3,4\r",
     "integers beyond int64": b"a,y\n18446744073709551615,1\n1,0\n",
     "integers below int64": b"a,y\n-9223372036854775809,1\n1,0\n",
     "large floats": b"a,y\n1e19,1\n2.5e30,0\n",
@@ -66,6 +69,11 @@ def test_numeric_files_are_parsed_by_pyarrow_not_pandas(monkeypatch):
     read = read_csv_bytes(FILES["pandas NA spellings"], "numeric.csv")
     assert read.frame.shape == (6, 3)
     assert read.first_line == 2
+
+
+def test_a_ragged_numeric_row_is_still_refused_with_its_line():
+    with pytest.raises(DataError, match=r"line 4"):
+        read_csv_bytes(b"a,b,y\n1,2,3\n\n4,5\n6,7,8\n", "ragged.csv")
 
 
 def test_random_floats_round_trip_bitwise_like_pandas():
