@@ -1,6 +1,6 @@
 """The baseline of benchmarks/e2e.py: what a careful engineer writes by hand.
 
-Read a Parquet file with pandas (pyarrow), split 70/15/15 with a seeded shuffle,
+Read a Parquet file with pandas (pyarrow; a .csv file with ``pandas.read_csv``), split 70/15/15 with a seeded shuffle,
 standardise with train statistics, train the MLP of ``ModelSpec(hidden=[64])``
 (Linear → ReLU → Linear) for one epoch with Adam, evaluate on the test split and
 save the weights as safetensors. No Prefect, no caching, no checks.
@@ -35,7 +35,7 @@ def main() -> None:
     started = time.perf_counter()
     torch.manual_seed(0)
 
-    frame = pd.read_parquet(args.data)
+    frame = pd.read_csv(args.data) if args.data.endswith(".csv") else pd.read_parquet(args.data)
     features = [c for c in frame.columns if c != args.target]
     X = frame[features].to_numpy(dtype=np.float32)
     y = frame[args.target].to_numpy(dtype=np.float32)
