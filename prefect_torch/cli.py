@@ -10,9 +10,11 @@ with nothing from Prefect before them.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -411,5 +413,26 @@ def _message(exc: BaseException) -> str:
     return str(exc)
 
 
+def run() -> None:
+    """The ``prefect-torch`` command: ``main()``, then a quick exit.
+
+    Once the command is done, the exit hooks run (Prefect's, logging's) as on any
+    exit, output is flushed, and the process ends without the interpreter's
+    teardown of every torch, Prefect and pydantic object, which writes nothing
+    and takes about a second on two cores. With threads still running (none
+    should be) the normal exit is kept, so nothing is cut short.
+    """
+    code = main()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
