@@ -91,6 +91,17 @@ def run_with_rss(args: list[str], env: dict[str, str], cwd: Path) -> dict:
             "output": json.loads(lines[-1]) if lines else None}
 
 
+def import_seconds(modules: str, env: dict[str, str], runs: int = 3) -> float:
+    """Median wall time of a bare ``python -c "import <modules>"``: the start-up every
+    process of that kind pays before any work."""
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import {modules}"], env=env, check=True)
+        times.append(time.perf_counter() - started)
+    return round(sorted(times)[len(times) // 2], 3)
+
+
 def _when(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
@@ -169,6 +180,8 @@ def main() -> None:
                 result["test_metrics"] = output.get("metrics")
                 result.update(card_overheads(server, output.get("train_seconds"), result["seconds"]))
                 runs[name] = result
+        floors = {"plain": import_seconds("torch, pandas, safetensors.torch", env),
+                  "prefect_torch": import_seconds("prefect_torch.cli, prefect_torch.flows", env)}
     base = plain["seconds"]
     figures = {
         "rows": rows,
@@ -189,6 +202,9 @@ def main() -> None:
             name: round((runs[name]["seconds"] - _loop(runs[name])) / (base - _loop(plain)), 3)
             for name in ("first", "model_only", "cached")
         },
+        # What each side pays to start before touching data (a bare `python -c "import ..."`);
+        # both also import torch._dynamo (about 1 s here) when they build their first optimizer.
+        "import_seconds": floors,
         "targets": {"first_vs_plain": 1.3, "model_only_vs_plain": 0.8, "cached_vs_plain": 0.5,
                     "peak_rss_vs_plain": 1.2},
     }
