@@ -20,15 +20,13 @@ from pydantic import Field
 
 from prefect_torch.engine.csvread import read_csv_bytes
 from prefect_torch.engine.fingerprint import content_key, remember, take_bytes
-from prefect_torch.engine.peek import detect_format
+from prefect_torch.engine.peek import check_parquet_markers, detect_format, unreadable_parquet
 from prefect_torch.engine.records import Recordable
 from prefect_torch.engine.spec import Spec
 from prefect_torch.errors import DataError
 
 DataFormat = Literal["auto", "csv", "parquet"]
 Delimiter = Literal["auto", ",", ";", "\t", "|"]
-
-_PARQUET_MAGIC = b"PAR1"
 
 
 class LoadSpec(Spec):
@@ -246,12 +244,7 @@ def _parse_parquet(raw: bytes, uri: str) -> pd.DataFrame:
     end marker (truncation), an unreadable footer or page, and page checksums when
     the writer stored them (pyarrow's write_page_checksum=True); an uncompressed page
     without a checksum can be damaged undetectably."""
-    if raw[:4] != _PARQUET_MAGIC or raw[-4:] != _PARQUET_MAGIC:
-        state = "is empty" if not raw else "does not start and end with the Parquet marker 'PAR1'"
-        raise DataError(
-            f"{uri} is not a readable Parquet file: it {state}, so it is truncated, corrupted or "
-            "not Parquet. Re-export it (DataFrame.to_parquet), or pass format='csv' if it is CSV."
-        )
+    check_parquet_markers(uri, raw[:4], raw[-4:], len(raw))
     import pyarrow.parquet as pq
 
     try:
@@ -267,11 +260,7 @@ def _parse_parquet(raw: bytes, uri: str) -> pd.DataFrame:
             frame = arrow.to_pandas(split_blocks=True, self_destruct=True)
             del arrow
     except Exception as exc:  # pyarrow raises many types for corrupt files
-        detail = " ".join(str(exc).split())[:200]
-        raise DataError(
-            f"{uri} is not a readable Parquet file ({type(exc).__name__}: {detail}). "
-            "It is truncated or corrupted; re-export it."
-        ) from exc
+        raise unreadable_parquet(uri, exc) from exc
     if duplicated:
         raise DataError(f"{uri} has duplicate column names {duplicated}. Rename them so each is unique.")
     if frame.empty:

@@ -84,6 +84,25 @@ def _columns(path: Path, uri: str, head: bytes, fmt: str) -> list[str] | None:
     return _csv_columns(uri, head)
 
 
+def check_parquet_markers(uri: str, head: bytes, tail: bytes, size: int) -> None:
+    """Refuse a file that does not start and end with 'PAR1': truncated, corrupted or not Parquet."""
+    if head[:4] != _PARQUET_MAGIC or tail != _PARQUET_MAGIC:
+        state = "is empty" if size == 0 else "does not start and end with the Parquet marker 'PAR1'"
+        raise DataError(
+            f"{uri} is not a readable Parquet file: it {state}, so it is truncated, corrupted or "
+            "not Parquet. Re-export it (DataFrame.to_parquet), or pass format='csv' if it is CSV."
+        )
+
+
+def unreadable_parquet(uri: str, exc: Exception) -> DataError:
+    """The error for a Parquet file pyarrow could not read (its footer or a page)."""
+    detail = " ".join(str(exc).split())[:200]
+    return DataError(
+        f"{uri} is not a readable Parquet file ({type(exc).__name__}: {detail}). "
+        "It is truncated or corrupted; re-export it."
+    )
+
+
 def _parquet_columns(path: Path, uri: str, head: bytes) -> list[str]:
     import pyarrow.parquet as pq
 
@@ -91,20 +110,11 @@ def _parquet_columns(path: Path, uri: str, head: bytes) -> list[str]:
     with open(path, "rb") as handle:
         handle.seek(max(size - 4, 0))
         tail = handle.read(4)
-    if head[:4] != _PARQUET_MAGIC or tail != _PARQUET_MAGIC:
-        state = "is empty" if size == 0 else "does not start and end with the Parquet marker 'PAR1'"
-        raise DataError(
-            f"{uri} is not a readable Parquet file: it {state}, so it is truncated, corrupted or "
-            "not Parquet. Re-export it (DataFrame.to_parquet), or pass format='csv' if it is CSV."
-        )
+    check_parquet_markers(uri, head, tail, size)
     try:
         schema = pq.read_schema(path)
     except Exception as exc:  # pyarrow raises many types for corrupt footers
-        detail = " ".join(str(exc).split())[:200]
-        raise DataError(
-            f"{uri} is not a readable Parquet file ({type(exc).__name__}: {detail}). "
-            "It is truncated or corrupted; re-export it."
-        ) from exc
+        raise unreadable_parquet(uri, exc) from exc
     metadata = schema.pandas_metadata or {}
     index = {name for name in metadata.get("index_columns", []) if isinstance(name, str)}
     return [name for name in schema.names if name not in index]
