@@ -283,9 +283,9 @@ def flow_run_ui_url(flow_run_id: Any) -> str | None:
 
 def _owned_temporary_server() -> Any:
     """The quiet temporary server an enclosing block started, if any."""
-    if "prefect.server.api.server" not in sys.modules:
-        return None  # nothing imported Prefect's server code, so no temporary server exists
-    current = _temporary_server_class()._instances.get(None)
+    current = _default_temporary_server()
+    if current is None:
+        return None  # checked first: building the quiet class would import the server package
     return current if isinstance(current, _quiet_server_class()) else None
 
 
@@ -440,9 +440,16 @@ def _temporary_server_class() -> Any:
     return SubprocessASGIServer
 
 
+def _default_temporary_server() -> Any:
+    """The temporary server Prefect's clients start on demand, if one was made."""
+    if "prefect.server.api.server" not in sys.modules:
+        return None  # nothing imported Prefect's server code, so no temporary server exists
+    return _temporary_server_class()._instances.get(None)
+
+
 @functools.cache
 def _quiet_server_class() -> Any:
-    """Prefect's temporary server, started under a lock and stopped quietly (see below)."""
+    """The class is built on first use, so Prefect's server package is imported only then."""
     SubprocessASGIServer = _temporary_server_class()
 
     class _QuietTemporaryServer(SubprocessASGIServer):
@@ -499,22 +506,22 @@ def _install_quiet_server() -> Any:
     An enclosing ``quiet_embedded_prefect`` owns the quiet server already;
     a plain one already running stays as Prefect runs it.
     """
-    SubprocessASGIServer, quiet_server = _temporary_server_class(), _quiet_server_class()
-    current = SubprocessASGIServer._instances.get(None)
+    quiet_server = _quiet_server_class()
+    current = _default_temporary_server()
     if isinstance(current, quiet_server):
         return None
     if current is not None:
         if current.running:
             logger.debug("A temporary server already runs; shutdown stays Prefect's.")
             return None
-        del SubprocessASGIServer._instances[None]
+        del _temporary_server_class()._instances[None]
     return quiet_server()
 
 
 def _release_quiet_server(server: Any) -> None:
     if server.running:
         server.stop()
-    elif _temporary_server_class()._instances.get(None) is server:
+    elif _default_temporary_server() is server:
         del _temporary_server_class()._instances[None]
 
 
