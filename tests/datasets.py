@@ -26,3 +26,20 @@ def separable_classes(rows: int = 1200, classes: int = 3, seed: int = 0, labels=
     names = labels or [f"class_{i}" for i in range(classes)]
     frame["label"] = [names[i] for i in which]
     return frame
+
+
+def signal_splits(problem: str, rows: int, features: int, seed: int = 0):
+    """Split tensors of a table whose target follows x0·2 - x1 + 0.5·x2: noisy for
+    regression, "yes"/"no" for binary, three classes (0, 1, 2) for multiclass."""
+    from prefect_torch.engine.split import SplitSpec, split_table
+
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(rng.normal(size=(rows, features)), columns=[f"x{i}" for i in range(features)])
+    signal = frame.x0 * 2 - frame.x1 + 0.5 * frame.x2
+    if problem == "regression":
+        frame["target"] = signal + rng.normal(scale=0.1, size=rows)
+    elif problem == "binary":
+        frame["target"] = np.where(signal > 0, "yes", "no")
+    else:
+        frame["target"] = np.digitize(signal, [-1.0, 1.0])
+    return split_table(frame, SplitSpec(target="target", problem=problem))

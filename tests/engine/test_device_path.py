@@ -29,7 +29,7 @@ from prefect_torch.engine.loop import Callback, Trainer, TrainSpec
 from prefect_torch.engine.models import ModelSpec, build_model
 from prefect_torch.engine.optim import OptimizerSpec, build_optimizer, optimizer_options
 from prefect_torch.engine.persist import load_model, save_model
-from prefect_torch.engine.split import SplitSpec, TensorSplit, split_table
+from prefect_torch.engine.split import TensorSplit
 from prefect_torch.engine.steps import DeviceScalar
 from prefect_torch.engine.streaming import (
     Placement,
@@ -39,22 +39,14 @@ from prefect_torch.engine.streaming import (
     resident_bytes,
 )
 from prefect_torch.errors import ConfigError, DeviceError, TrainingError
+from tests.datasets import signal_splits
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # only a name here: nothing below allocates on it
 
 
 def make_splits(problem: str, rows: int = 203, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    frame = pd.DataFrame(rng.normal(size=(rows, 5)), columns=[f"x{i}" for i in range(5)])
-    signal = frame.x0 * 2 - frame.x1 + 0.5 * frame.x2
-    if problem == "regression":
-        frame["target"] = signal + rng.normal(scale=0.1, size=rows)
-    elif problem == "binary":
-        frame["target"] = np.where(signal > 0, "yes", "no")
-    else:
-        frame["target"] = np.digitize(signal, [-1.0, 1.0])  # three classes: 0, 1, 2
-    return split_table(frame, SplitSpec(target="target", problem=problem))
+    return signal_splits(problem, rows, features=5, seed=seed)
 
 
 def make_trainer(splits, spec: TrainSpec, optimizer: OptimizerSpec = OptimizerSpec(), callbacks=(),

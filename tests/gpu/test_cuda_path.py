@@ -17,9 +17,9 @@ from prefect_torch.engine.batching import plan_epoch
 from prefect_torch.engine.loop import Callback, Trainer, TrainSpec
 from prefect_torch.engine.models import ModelSpec, build_model
 from prefect_torch.engine.optim import OptimizerSpec, build_optimizer
-from prefect_torch.engine.split import SplitSpec, split_table
 from prefect_torch.engine.steps import DeviceScalar
 from prefect_torch.engine.streaming import ResidentSource, StreamingSource
+from tests.datasets import signal_splits
 
 pytestmark = pytest.mark.gpu
 
@@ -27,16 +27,7 @@ CUDA = torch.device("cuda")
 
 
 def make_splits(problem: str, rows: int = 2_003, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    frame = pd.DataFrame(rng.normal(size=(rows, 6)), columns=[f"x{i}" for i in range(6)])
-    signal = frame.x0 * 2 - frame.x1 + 0.5 * frame.x2
-    if problem == "regression":
-        frame["target"] = signal + rng.normal(scale=0.1, size=rows)
-    elif problem == "binary":
-        frame["target"] = np.where(signal > 0, "yes", "no")
-    else:
-        frame["target"] = np.digitize(signal, [-1.0, 1.0])
-    return split_table(frame, SplitSpec(target="target", problem=problem))
+    return signal_splits(problem, rows, features=6, seed=seed)
 
 
 def make_trainer(splits, spec: TrainSpec, optimizer: OptimizerSpec = OptimizerSpec(), callbacks=()) -> Trainer:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -20,8 +19,8 @@ from prefect_torch.engine import cudagraph
 from prefect_torch.engine.loop import Trainer, TrainSpec
 from prefect_torch.engine.models import ModelSpec, build_model
 from prefect_torch.engine.optim import OptimizerSpec, SchedulerSpec, build_optimizer
-from prefect_torch.engine.split import SplitSpec, split_table
 from prefect_torch.errors import DeviceError
+from tests.datasets import signal_splits
 
 pytestmark = pytest.mark.gpu
 
@@ -29,16 +28,7 @@ CUDA = torch.device("cuda")
 
 
 def make_splits(problem: str, rows: int = 2_003):
-    rng = np.random.default_rng(0)
-    frame = pd.DataFrame(rng.normal(size=(rows, 6)), columns=[f"x{i}" for i in range(6)])
-    signal = frame.x0 * 2 - frame.x1 + 0.5 * frame.x2
-    if problem == "regression":
-        frame["target"] = signal + rng.normal(scale=0.1, size=rows)
-    elif problem == "binary":
-        frame["target"] = np.where(signal > 0, "yes", "no")
-    else:
-        frame["target"] = np.digitize(signal, [-1.0, 1.0])
-    return split_table(frame, SplitSpec(target="target", problem=problem))
+    return signal_splits(problem, rows, features=6)
 
 
 @pytest.fixture(scope="module")
