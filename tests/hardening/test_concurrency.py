@@ -118,8 +118,8 @@ def test_identical_runs_started_together_train_once(shared):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-# Far longer than the test may take: the dead holder's lease must not be waited out.
-HOLD_SECONDS = 900.0
+# The longest lease allowed (a day): one no step of the test can wait out.
+HOLD_SECONDS = 86_400.0
 
 
 def test_a_killed_lock_holder_on_this_host_is_taken_over_at_once(shared):
@@ -144,13 +144,13 @@ def test_a_killed_lock_holder_on_this_host_is_taken_over_at_once(shared):
         os.killpg(holder.pid, signal.SIGKILL)  # mid-training: no cleanup, the lock file stays
         holder.popen.wait(timeout=30)
 
-        # The waiter sees the holder's process is gone and takes the lease over.
+        # The waiter sees the holder's process is gone and takes the lease over, long
+        # before the dead holder's day-long lease could have run out.
+        deadline = time.monotonic() + 240
         while (current := train_lease(tmp / "home")) is None or holder_pid(current) != waiter.pid:
             assert waiter.popen.poll() is None, waiter.log_tail()
-            assert time.time() < lease["expires"], "the dead holder's lease was waited out"
+            assert time.monotonic() < deadline, "the waiter did not take over the dead holder's lease"
             time.sleep(0.05)
-        # ...while the dead holder's lease still had most of its time to run.
-        assert time.time() < lease["expires"] - HOLD_SECONDS / 2
 
         result = outcome(waiter, timeout=240)
     finally:
