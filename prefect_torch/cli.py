@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--model-name", default=None, help="register the best model under this name")
     _add_training_options(sweep)
 
+    warm = commands.add_parser(
+        "warm", help="the warm process that runs training commands without importing torch and Prefect each time"
+    )
+    warm.add_argument("warm_command", choices=["status", "stop"],
+                      help="status: list this user's warm processes; stop: stop them all")
+
     pools = commands.add_parser("pools", help="work pools for deployments")
     pool_commands = pools.add_subparsers(dest="pools_command", required=True)
     create = pool_commands.add_parser(
@@ -141,6 +147,28 @@ def _pools(args: argparse.Namespace) -> int:
     done = ensure_work_pools(pool_type=args.pool_type, gpu_limit=args.gpu_limit, gpus_per_pod=args.gpus_per_pod)
     print("\n".join([f"created {item}" for item in done["created"]]
                     + [f"exists  {item} (left unchanged)" for item in done["existing"]]), flush=True)
+    return 0
+
+
+def _warm(args: argparse.Namespace) -> int:
+    from prefect_torch.warm.client import process_alive, stop_warm_processes, warm_processes
+    from prefect_torch.warm.place import ENABLE_VARIABLE, enabled
+
+    if args.warm_command == "stop":
+        asked = stop_warm_processes()
+        busy = [p for p in asked if process_alive(p["pid"])]
+        done = len(asked) - len(busy)
+        line = f"stopped {done} warm process{'es' if done != 1 else ''}"
+        if busy:
+            line += f"; {len(busy)} more will stop when the commands they are running end"
+        print(line, flush=True)
+        return 0
+    processes = warm_processes()
+    state = "on" if enabled(os.environ) else f"off ({ENABLE_VARIABLE}=0, or not Linux)"
+    lines = [f"warm processes: {state}; {len(processes)} running"]
+    lines += [f"  pid {p['pid']:<8} {'ready' if p['ready'] else 'starting':<9} key {p['key']}  log {p['log']}"
+              for p in processes]
+    print("\n".join(lines), flush=True)
     return 0
 
 
@@ -375,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    if not args.debug and args.command != "predict":
+    if not args.debug and args.command not in ("predict", "warm"):
         _hide_user_error_tracebacks()
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "train": lambda a: _run_training(a, a.data, a.target),
@@ -383,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": _demo,
         "sweep": _sweep,
         "pools": _pools,
+        "warm": _warm,
     }
     try:
         return handlers[args.command](args)
@@ -414,7 +443,12 @@ def _message(exc: BaseException) -> str:
 
 
 def run() -> None:
-    """The ``prefect-torch`` command: ``main()``, then a quick exit.
+    """The ``prefect-torch`` command: ``main()`` in a warm process, or here; then a quick exit.
+
+    A training command goes to the warm process for this environment when one
+    is running (see ``prefect_torch.warm``), which saves the seconds of
+    importing torch and Prefect. Otherwise it runs here and starts a warm
+    process for the next command.
 
     Once the command is done, the exit hooks run (Prefect's, logging's) as on any
     exit, output is flushed, and the process ends without the interpreter's
@@ -422,7 +456,14 @@ def run() -> None:
     and takes about a second on two cores. With threads still running (none
     should be) the normal exit is kept, so nothing is cut short.
     """
-    code = main()
+    from prefect_torch.warm.client import run_warm, start_in_background
+
+    argv = sys.argv[1:]
+    environ = dict(os.environ)  # as the user set it: running a command changes os.environ
+    code = run_warm(argv, environ)
+    if code is None:
+        code = main(argv)
+        start_in_background(argv, environ)
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)
     atexit._run_exitfuncs()

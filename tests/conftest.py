@@ -19,6 +19,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Flow runs in fresh subprocesses start Prefect's temporary server: its 20 s
 # default start-up limit is too short on a loaded two-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# `prefect-torch` commands run in their own process, as they always did: a warm
+# process (prefect_torch.warm) per test's PREFECT_HOME would outlive the test.
+# tests/test_warm.py turns it on for the commands it runs.
+os.environ.setdefault("PREFECT_TORCH_WARM", "0")
 # Cards called on their own (outside a flow) log "Finished" without a flow run to attach to.
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 

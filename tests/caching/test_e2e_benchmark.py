@@ -20,15 +20,19 @@ def test_the_quick_e2e_benchmark_reports_every_run_and_card():
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads(out.stdout)
     runs = figures["runs"]
-    assert set(runs) == {"plain", "first", "cached", "model_only"}
+    assert set(runs) == {"plain", "first", "cached", "model_only", "first_warm"}
+    # The first command runs in its own process and leaves a warm process for the others.
+    assert [runs[name]["warm"] for name in ("first", "cached", "model_only", "first_warm")] == [False, True, True, True]
+    assert figures["warm_process_rss_mb"] > 0 and figures["warm_process_ready_after_s"] >= 0
     cards = {"data_load", "data_split", "model_define", "train", "evaluate", "model_save"}
-    for name in ("first", "cached", "model_only"):
+    for name in ("first", "cached", "model_only", "first_warm"):
         assert set(runs[name]["cards"]) == cards, name
         assert runs[name]["peak_rss_mb"] > 0 and runs[name]["flow_run_seconds"] > 0
     states = {name: {card: v["state"] for card, v in runs[name]["cards"].items()} for name in runs if name != "plain"}
     assert all(state != "Cached" for state in states["first"].values())
     assert {c for c, s in states["cached"].items() if s == "Cached"} == cards - {"model_save"}
     assert {c for c, s in states["model_only"].items() if s == "Cached"} == {"data_load", "data_split"}
+    assert all(state != "Cached" for state in states["first_warm"].values())  # other data: nothing to reuse
     assert "loop_seconds" in runs["first"]["cards"]["train"]
     assert runs["first"]["test_metrics"] == runs["cached"]["test_metrics"] != runs["model_only"]["test_metrics"]
     assert set(figures["ratios"]) == set(figures["targets"])

@@ -179,6 +179,8 @@ def base_env(**overrides: str) -> dict[str, str]:
     ``prefect_torch`` from this checkout) and turns server analytics off.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    if "PREFECT_TORCH_WARM" in os.environ:  # not a Prefect setting: the suite's choice (conftest)
+        env["PREFECT_TORCH_WARM"] = os.environ["PREFECT_TORCH_WARM"]
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
     )
