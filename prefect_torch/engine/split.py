@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -210,9 +210,10 @@ def split_table(table: Table | pd.DataFrame, spec: SplitSpec) -> Splits:
     classes = _classes(target, problem)
 
     parts = _assign_rows(target, problem, classes, spec)
-    values = _numeric_features(frame, features)
+    columns = _FeatureColumns(frame, features)
+    rows = {name: columns.split(idx) for name, idx in parts.items()}
     if spec.standardize:
-        mean, std = _column_stats(values, parts["train"])
+        mean, std = _column_stats(rows["train"])
         std = np.where(std > 0, std, 1.0)
     else:
         mean, std = np.zeros(len(features)), np.ones(len(features))
@@ -237,10 +238,10 @@ def split_table(table: Table | pd.DataFrame, spec: SplitSpec) -> Splits:
     )
     y_all = info.encode_target(target)
     splits = {
-        name: TensorSplit(_standardized_rows(values, idx, mean, std), y_all[torch.from_numpy(idx)])
+        name: TensorSplit(rows[name].standardized(mean, std), y_all[torch.from_numpy(idx)])
         for name, idx in parts.items()
     }
-    del values
+    del rows, columns
     key = _splits_key(table.key, spec)
     return Splits(**splits, info=info, key=key)
 
@@ -365,29 +366,78 @@ def _numeric_features(frame: pd.DataFrame, features: list[str]) -> np.ndarray:
 _BLOCK_ROWS = 1 << 15
 
 
-def _column_stats(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (population) standard deviation of ``values[rows]`` per column, in
-    float64, by blocks of rows in a fixed order: bitwise reproducible, and without a
-    float64 copy of the data."""
-    n = len(rows)
-    total = np.zeros(values.shape[1], dtype=np.float64)
-    for start in range(0, n, _BLOCK_ROWS):
-        total += values[rows[start : start + _BLOCK_ROWS]].astype(np.float64).sum(axis=0)
+class _FeatureColumns:
+    """The feature columns as the frame holds them, without the row-major copy of the
+    whole table (which costs more than the standardising), read as row-major
+    float64 blocks: the same numbers ``_numeric_features`` gives, in float64.
+
+    ``split`` gathers one split's rows. When every feature is float32 (exact in
+    float32, as Parquet data usually is) it gathers them once into the split's
+    float32 tensor and works there in place, so the train rows are read from the
+    frame once instead of once per pass."""
+
+    def __init__(self, frame: pd.DataFrame, features: list[str]):
+        self.float32 = all(frame[c].dtype == np.float32 for c in features)
+        if self.float32 or all(frame[c].dtype == np.float64 for c in features):
+            self.columns = [frame[c].to_numpy() for c in features]
+        else:  # ints, bools, nullable types: one conversion, as before
+            whole = _numeric_features(frame, features)
+            self.columns = [whole[:, j] for j in range(whole.shape[1])]
+        self.width = len(features)
+
+    def split(self, rows: np.ndarray) -> "_SplitRows":
+        if not self.float32:
+            return _SplitRows(self, rows, None)
+        gathered = np.empty((len(rows), self.width), dtype=np.float32)
+        for j, column in enumerate(self.columns):
+            gathered[:, j] = column[rows]
+        return _SplitRows(self, rows, gathered)
+
+
+class _SplitRows:
+    """One split's feature rows, visited in float64 blocks of ``_BLOCK_ROWS`` in row order."""
+
+    def __init__(self, source: _FeatureColumns, rows: np.ndarray, gathered: np.ndarray | None):
+        self.source, self.rows, self.gathered = source, rows, gathered
+        self.scratch = np.empty((min(len(rows), _BLOCK_ROWS), source.width), dtype=np.float64)
+
+    def blocks(self) -> Iterator[tuple[slice, np.ndarray]]:
+        """(where in the split, its rows as float64) per block; a block may be changed in place."""
+        for start in range(0, len(self.rows), _BLOCK_ROWS):
+            where = slice(start, min(start + _BLOCK_ROWS, len(self.rows)))
+            block = self.scratch[: where.stop - start]
+            if self.gathered is not None:
+                block[...] = self.gathered[where]
+            else:
+                for j, column in enumerate(self.source.columns):
+                    block[:, j] = column[self.rows[where]]
+            yield where, block
+
+    def standardized(self, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+        """``(rows - mean) / std`` as float32, computed in float64."""
+        out = self.gathered if self.gathered is not None else \
+            np.empty((len(self.rows), self.source.width), dtype=np.float32)
+        for where, block in self.blocks():
+            block -= mean
+            block /= std
+            out[where] = block
+        return torch.from_numpy(out)
+
+
+def _column_stats(rows: _SplitRows) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) standard deviation per column, in float64, by blocks of
+    rows in a fixed order: bitwise reproducible, and without a float64 copy of the data."""
+    n = len(rows.rows)
+    total = np.zeros(rows.source.width, dtype=np.float64)
+    for _, block in rows.blocks():
+        total += block.sum(axis=0)
     mean = total / max(n, 1)
-    squares = np.zeros(values.shape[1], dtype=np.float64)
-    for start in range(0, n, _BLOCK_ROWS):
-        centered = values[rows[start : start + _BLOCK_ROWS]].astype(np.float64) - mean
-        squares += (centered * centered).sum(axis=0)
+    squares = np.zeros(rows.source.width, dtype=np.float64)
+    for _, block in rows.blocks():
+        block -= mean
+        block *= block
+        squares += block.sum(axis=0)
     return mean, np.sqrt(squares / max(n, 1))
-
-
-def _standardized_rows(values: np.ndarray, rows: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """``(values[rows] - mean) / std`` as float32, computed in float64 block by block."""
-    out = np.empty((len(rows), values.shape[1]), dtype=np.float32)
-    for start in range(0, len(rows), _BLOCK_ROWS):
-        block = values[rows[start : start + _BLOCK_ROWS]].astype(np.float64)
-        out[start : start + _BLOCK_ROWS] = (block - mean) / std
-    return torch.from_numpy(out)
 
 
 def _classes(target: pd.Series, problem: ProblemType) -> list[Any] | None:

@@ -35,6 +35,23 @@ def test_features_are_standardised_with_train_statistics_only():
     assert not torch_allclose(splits.val.X.double().mean(0), 0.0, atol=1e-6)
 
 
+def test_every_column_type_standardises_to_the_same_bits():
+    """float32 columns are gathered once into the split and standardised in place; the
+    same numbers held as float64 or as int64 go the general way. Same tensors, bitwise."""
+    rng = np.random.default_rng(3)
+    as_float32 = pd.DataFrame({f"x{i}": rng.normal(size=70_000).astype(np.float32) for i in range(5)})
+    as_float32["y"] = rng.normal(size=70_000)
+    as_float64 = as_float32.astype({f"x{i}": np.float64 for i in range(5)})
+    whole = as_float32.assign(**{f"x{i}": np.round(as_float32[f"x{i}"] * 100).astype(np.float32) for i in range(5)})
+    as_int64 = whole.astype({f"x{i}": np.int64 for i in range(5)})
+    for same_values in ((as_float32, as_float64), (whole, as_int64)):
+        left, right = (split_table(frame, SplitSpec(target="y")) for frame in same_values)
+        assert left.info.feature_mean == right.info.feature_mean and left.info.feature_std == right.info.feature_std
+        for name in ("train", "val", "test"):
+            assert left[name].X.dtype == right[name].X.dtype
+            assert left[name].X.numpy().tobytes() == right[name].X.numpy().tobytes(), name
+
+
 def torch_allclose(tensor, value, atol):
     return bool((tensor - value).abs().max() <= atol)
 
