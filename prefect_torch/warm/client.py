@@ -82,7 +82,8 @@ def start_in_background(argv: Sequence[str], environ: Mapping[str, str] | None =
 # Not ``-m``: that would put the working folder first on sys.path, and a user's
 # module there (a ``prefect.py``, say) would shadow the installed package.
 _SERVER_ENTRY = (
-    "import sys; del sys.path[0]\n"
+    "import sys\n"
+    "if sys.path and sys.path[0] == '': del sys.path[0]\n"
     "from prefect_torch.warm.server import run; run(sys.argv[1:])"
 )
 

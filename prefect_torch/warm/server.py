@@ -25,6 +25,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,12 +102,15 @@ class WarmServer:
         checked = time.monotonic()
         while True:
             timeout = 0.05 if self.commands else 1.0
-            for key, _ in self.selector.select(timeout):
-                if key.data == "accept" and self.listener is not None:
-                    self._accept()
-                elif key.data != "accept":
-                    self._connection_event(key.fileobj)  # type: ignore[arg-type]
-            self._reap()
+            try:
+                for key, _ in self.selector.select(timeout):
+                    if key.data == "accept" and self.listener is not None:
+                        self._accept()
+                    elif key.data != "accept":
+                        self._connection_event(key.fileobj)  # type: ignore[arg-type]
+                self._reap()
+            except Exception:  # noqa: BLE001 - one bad request must not end the commands it serves
+                traceback.print_exc()
             now = time.monotonic()
             if not self.commands and (self.stop_reason or now - checked >= 1.0):
                 checked = now
@@ -162,7 +166,10 @@ class WarmServer:
             os.close(fd)
         self.commands[pid] = Command(connection, pid)
         self.selector.register(connection, selectors.EVENT_READ, pid)
-        _send(connection, {"started": pid})
+        try:
+            _send(connection, {"started": pid})
+        except OSError:  # the client is gone already: its command goes with it
+            _kill_group(pid)
 
     def _connections(self) -> list[socket.socket]:
         return [command.connection for command in self.commands.values()]
