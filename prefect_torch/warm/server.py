@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect_torch.warm import place
+from prefect_torch.warm.child import become_command
 
 HEADER = place.HEADER
 HANDED_OVER = place.HANDED_OVER
@@ -159,8 +160,6 @@ class WarmServer:
             return
         pid = os.fork()
         if pid == 0:  # the child never returns from here
-            from prefect_torch.warm.child import become_command
-
             become_command(request, fds, close=[self.selector, self.listener, connection, *self._connections()])
         for fd in fds:
             os.close(fd)
