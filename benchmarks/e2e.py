@@ -108,32 +108,28 @@ def run_with_rss(args: list[str], env: dict[str, str], cwd: Path) -> dict:
             "output": json.loads(lines[-1]) if lines else None}
 
 
-def wait_for_warm_process(env: dict[str, str], since: float, timeout: float = 300.0) -> float:
-    """Seconds from ``since`` (a perf_counter time) until the warm process for ``env`` accepts commands."""
-    from prefect_torch.warm.client import warm_processes
+def wait_for_warm_process(env: dict[str, str], cwd: Path, since: float, timeout: float = 300.0) -> float:
+    """Seconds from ``since`` (a perf_counter time) until the warm process for commands
+    run with ``env`` in ``cwd`` accepts them."""
+    from prefect_torch.warm.client import warm_process
 
-    started = since
-    while not any(p["ready"] for p in warm_processes(env)):
-        if time.perf_counter() - started > timeout:
-            raise RuntimeError(f"no warm process became ready in {timeout:.0f} s: {warm_processes(env)}")
+    while not (process := warm_process(env, cwd)) or not process["ready"]:
+        if time.perf_counter() - since > timeout:
+            raise RuntimeError(f"no warm process became ready in {timeout:.0f} s")
         time.sleep(0.05)
-    return round(time.perf_counter() - started, 3)
+    return round(time.perf_counter() - since, 3)
 
 
-def warm_process_rss_mb(env_home: str) -> float | None:
-    """Resident memory of the idle warm process serving this benchmark's environment."""
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            cmdline = (status.parent / "cmdline").read_bytes()
-            if b"prefect_torch.warm.server" not in cmdline:
-                continue
-            environ = (status.parent / "environ").read_bytes()
-            if f"PREFECT_HOME={env_home}".encode() not in environ.split(b"\0"):
-                continue
-            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
-            return round(int(fields["VmRSS"].split()[0]) / 1024, 1)
-        except (OSError, KeyError, ValueError):
-            continue
+def warm_process_rss_mb(env: dict[str, str], cwd: Path) -> float | None:
+    """Resident memory of the idle warm process serving this benchmark's commands."""
+    from prefect_torch.warm.client import warm_process
+
+    process = warm_process(env, cwd)
+    if process is None:
+        return None
+    for line in Path(f"/proc/{process['pid']}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
     return None
 
 
@@ -231,8 +227,8 @@ def main() -> None:
                 result.update(card_overheads(server, output.get("train_seconds"), result["seconds"]))
                 runs[name] = result
                 if name == "first":
-                    ready_after = wait_for_warm_process(env, since=finished)
-            warm_rss = warm_process_rss_mb(env["PREFECT_HOME"])
+                    ready_after = wait_for_warm_process(env, work, since=finished)
+            warm_rss = warm_process_rss_mb(env, work)
         # The flows import on first use: time what `prefect-torch train` itself imports.
         floors = {"plain": import_seconds("import torch, pandas, safetensors.torch", env),
                   "prefect_torch": import_seconds("import prefect_torch.cli; from prefect_torch.flows import train_flow",

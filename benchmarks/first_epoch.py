@@ -13,6 +13,11 @@ Times ``prefect-torch train small.csv`` from the command's start to its first
 Each run uses another seed, so the Train card is not a cache hit (loading and
 splitting the same file are, as for a user's second command).
 
+Both run each command in its own process (``PREFECT_TORCH_WARM=0``): the wait
+of a first command. A third figure, warm_process, is the running server again
+with the warm process a first command leaves behind (prefect_torch.warm): the
+wait of every later command.
+
 import_floor: a bare ``python -c "import torch, torch._dynamo, pandas, prefect"``,
 what any process that trains with torch (the first optimizer imports
 ``torch._dynamo``) and talks to Prefect pays before its first epoch on this
@@ -41,18 +46,19 @@ import pandas as pd
 FIRST_EPOCH = re.compile(r"epoch 1/\d+ train_loss=")
 
 
-def clean_env(home: Path) -> dict[str, str]:
+def clean_env(home: Path, warm: bool = False) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(home)
+    env["PREFECT_TORCH_WARM"] = "1" if warm else "0"
     return env
 
 
-def time_to_first_epoch(data: Path, home: Path, seed: int, expect_url: bool = False) -> float:
+def time_to_first_epoch(data: Path, home: Path, seed: int, expect_url: bool = False, warm: bool = False) -> float:
     started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, "-m", "prefect_torch.cli", "train", str(data), "--target", "y",
          "--epochs", "2", "--hidden", "16", "--seed", str(seed)],
-        env=clean_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=clean_env(home, warm), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     first = None
     seen: list[str] = []
@@ -69,6 +75,23 @@ def time_to_first_epoch(data: Path, home: Path, seed: int, expect_url: bool = Fa
     if expect_url and "flow run in the Prefect UI:" not in stdout:
         raise RuntimeError("the run did not use the running server (it printed no run URL)")
     return first
+
+
+def warm_process_runs(data: Path, home: Path, runs: int) -> list[float]:
+    """A first command (untimed) leaves a warm process; once it is ready, time ``runs`` more."""
+    from prefect_torch.warm.client import stop, warm_process
+
+    time_to_first_epoch(data, home, seed=2000, expect_url=True, warm=True)
+    env = clean_env(home, warm=True)
+    deadline = time.monotonic() + 300
+    while not (process := warm_process(env, os.getcwd())) or not process["ready"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError("no warm process became ready")
+        time.sleep(0.1)
+    try:
+        return [time_to_first_epoch(data, home, seed=2001 + i, expect_url=True, warm=True) for i in range(runs)]
+    finally:
+        stop([process])
 
 
 def free_port() -> int:
@@ -137,6 +160,7 @@ def main() -> None:
         try:
             time_to_first_epoch(data, running_home, seed=1000, expect_url=True)  # the first run: not timed
             running = [time_to_first_epoch(data, running_home, seed=i, expect_url=True) for i in range(args.runs)]
+            warm = warm_process_runs(data, running_home, args.runs)
         finally:
             stop_background_server(running_home)
         floor = [import_floor() for _ in range(args.runs)]
@@ -146,6 +170,7 @@ def main() -> None:
         "runs": args.runs,
         "running_server": summary(running),
         "temporary_server": summary(temporary),
+        "warm_process": summary(warm),
         "import_floor": summary(floor),
         "running_over_import_floor": round(statistics.median(running) / statistics.median(floor), 3),
         "temporary_first_run_s": round(first_run, 2),

@@ -159,10 +159,10 @@ def test_the_warm_process_leaves_when_idle_or_when_its_prefect_home_is_removed(w
     assert warm_processes(warm_env) == []
 
     os.makedirs(warm_env["PREFECT_HOME"])
-    idle = {**warm_env, place.IDLE_VARIABLE: "2"}
+    idle = {**warm_env, place.IDLE_VARIABLE: "3"}
     start_in_background(args, idle, cwd=tmp_path)
     wait_until_gone(wait_until_ready(idle))
-    assert "idle for 2 s" in Path(place.log_path(idle, place.warm_key(idle, str(tmp_path)))).read_text()
+    assert "idle for 3 s" in Path(place.log_path(idle, place.warm_key(idle, str(tmp_path)))).read_text()
 
 
 def test_warm_stop_stops_every_warm_process(warm_env, tmp_path):

@@ -215,10 +215,21 @@ def warm_processes(environ: Mapping[str, str] | None = None) -> list[dict]:
     return found
 
 
+def warm_process(environ: Mapping[str, str], cwd: str | os.PathLike[str]) -> dict | None:
+    """The warm process that commands run with ``environ`` in ``cwd`` use, if it runs."""
+    key = place.warm_key(environ, os.fspath(cwd))
+    return next((p for p in warm_processes(environ) if p["key"] == key), None)
+
+
 def stop_warm_processes(environ: Mapping[str, str] | None = None, timeout: float = 5.0) -> list[dict]:
     """Stop every warm process of this user; return them. Each takes no new command and
     leaves once the commands it runs have ended (they carry on, as their own processes would)."""
-    stopping = warm_processes(environ)
+    return stop(warm_processes(environ), timeout)
+
+
+def stop(processes: list[dict], timeout: float = 5.0) -> list[dict]:
+    """Stop these warm processes (as ``warm_processes`` lists them); see ``stop_warm_processes``."""
+    stopping = list(processes)
     for process in stopping:
         try:
             os.kill(process["pid"], signal.SIGTERM)

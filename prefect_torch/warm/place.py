@@ -104,7 +104,8 @@ def warm_key(environ: Mapping[str, str], cwd: str) -> str:
     except OSError:
         profiles = None
     described = {
-        "python": [sys.executable, sys.version],
+        # The environment and interpreter, however they were called (python or python3).
+        "python": [sys.prefix, os.path.realpath(sys.executable), sys.version],
         "code": code_stamp(),
         "environment": sorted((k, v) for k, v in environ.items() if k not in _VOLATILE),
         "settings_files": settings_files,
