@@ -259,6 +259,10 @@ def main(argv: list[str]) -> int:
     extra_threads = [t for t in threading.enumerate() if t is not threading.main_thread()]
     if extra_threads:  # a fork copies only this thread: a child could wait forever on their locks
         return _refuse(environ, key, f"the imports started threads {extra_threads}")
+    import torch
+
+    if torch.cuda.is_initialized():  # CUDA does not survive a fork: each child must start it itself
+        return _refuse(environ, key, "the imports initialised CUDA")
     server = WarmServer(key, environ)
     # A child inherits this handler; it resets it (warm.child).
     signal.signal(signal.SIGTERM, lambda *_: server.stop("asked to stop (SIGTERM)"))
