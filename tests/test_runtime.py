@@ -305,9 +305,12 @@ def stamped_database(home: Path, revision: str) -> Path:
 
 @contextmanager
 def prefect_home(home: Path):
-    from prefect.settings import PREFECT_HOME, temporary_settings
+    """Prefect's settings as with only ``PREFECT_HOME=home`` set: without the database URL
+    a session's ``prefect_test_harness`` sets for every later test in its process."""
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_HOME: str(home)}):
+    with temporary_settings(updates={PREFECT_HOME: str(home)},
+                            restore_defaults={PREFECT_SERVER_DATABASE_CONNECTION_URL}):
         yield
 
 

@@ -268,6 +268,7 @@ def test_an_s3_outage_beyond_the_retry_bound_is_a_storage_error(s3_server, tmp_p
     from prefect_torch.errors import StorageError
 
     from prefect_torch.blocks.storage import _RETRY_DEADLINE_S as RETRY_DEADLINE_S
+    from prefect_torch.blocks.storage import _S3_CONNECT_TIMEOUT_S as CONNECT_TIMEOUT_S
 
     storage = TorchStorage(**s3_server.block_fields("outage-bound"))
     storage.write_path("kept.rec", b"kept")
@@ -277,9 +278,10 @@ def test_an_s3_outage_beyond_the_retry_bound_is_a_storage_error(s3_server, tmp_p
             storage.write_path("lost.rec", b"lost")
     finally:
         s3_server.start()
-    # It rode out several seconds of backoff (0.5, 1, 2 s, ...), then gave up within its window.
+    # It rode out several seconds of backoff (0.5, 1, 2 s, ...), then gave up within its window
+    # (overrun by at most one attempt slower than expected: a connect timeout).
     attempts, seconds = retry_figures(str(caught.value))
-    assert attempts >= 4 and seconds <= RETRY_DEADLINE_S, (attempts, seconds)
+    assert attempts >= 4 and seconds <= RETRY_DEADLINE_S + CONNECT_TIMEOUT_S, (attempts, seconds)
     assert s3_server.endpoint_url in str(caught.value)
     assert storage.read_path("kept.rec") == b"kept"
     assert not storage.exists("lost.rec")
