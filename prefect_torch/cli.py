@@ -17,7 +17,7 @@ import sys
 import threading
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 EXIT_USER_ERROR = 2
 
@@ -466,13 +466,25 @@ def run() -> None:
         start_in_background(argv, environ)
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)
-    atexit._run_exitfuncs()
+    exit_without_teardown(code)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """Run the exit hooks, flush the standard streams and end the process, without the
+    interpreter's teardown of every object (it writes nothing and takes about a second)."""
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        flush_standard_streams()
+        os._exit(code)
+
+
+def flush_standard_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe: nothing more can reach it
             pass
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import threading
 import traceback
 from typing import NoReturn, Protocol
 
+from prefect_torch.cli import exit_without_teardown, flush_standard_streams
+
 
 class Closable(Protocol):
     def close(self) -> None: ...
@@ -95,27 +97,18 @@ def _run(argv: list[str]) -> int:
         return 1
     except KeyboardInterrupt:
         traceback.print_exc()
-        _flush()
+        flush_standard_streams()
         atexit._run_exitfuncs()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)  # the status a shell expects after Ctrl-C
         return 130
 
 
-def _flush() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-
-
 def _exit(code: int) -> NoReturn:
     """As the interpreter ends a command (wait for non-daemon threads, exit hooks,
-    flush) but without tearing down every torch and Prefect object."""
+    flush) but without tearing down every torch and Prefect object. A forked child
+    cannot fall back on a normal exit, which would return into the warm process's loop."""
     try:
         threading._shutdown()  # type: ignore[attr-defined]
-        atexit._run_exitfuncs()
     finally:
-        _flush()
-        os._exit(code)
+        exit_without_teardown(code)

@@ -27,13 +27,9 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from prefect_torch.warm import place
 from prefect_torch.warm.child import become_command
-
-HEADER = place.HEADER
-HANDED_OVER = place.HANDED_OVER
 
 
 def warm_up() -> None:
@@ -154,7 +150,7 @@ class WarmServer:
         self.last_active = time.monotonic()
         try:
             request, fds = _receive_request(connection)
-        except (OSError, ValueError, PermissionError) as exc:
+        except (OSError, ValueError) as exc:  # PermissionError included
             print(f"refused a request: {exc}", file=sys.stderr, flush=True)
             connection.close()
             return
@@ -225,12 +221,12 @@ def _receive_request(connection: socket.socket) -> tuple[dict, list[int]]:
     if uid != os.getuid():
         raise PermissionError(f"a process of user {uid} connected; only {os.getuid()} may")
     connection.settimeout(10)
-    data, fds, _, _ = socket.recv_fds(connection, 1 << 16, HANDED_OVER)
+    data, fds, _, _ = socket.recv_fds(connection, 1 << 16, place.HANDED_OVER)
     try:
-        if len(fds) != HANDED_OVER or len(data) < HEADER.size:
-            raise ValueError(f"expected {HANDED_OVER} descriptors and a header, got {len(fds)}")
-        (length,) = HEADER.unpack_from(data)
-        body = data[HEADER.size:]
+        if len(fds) != place.HANDED_OVER or len(data) < place.HEADER.size:
+            raise ValueError(f"expected {place.HANDED_OVER} descriptors and a header, got {len(fds)}")
+        (length,) = place.HEADER.unpack_from(data)
+        body = data[place.HEADER.size:]
         while len(body) < length:
             chunk = connection.recv(length - len(body))
             if not chunk:
