@@ -210,8 +210,8 @@ def split_table(table: Table | pd.DataFrame, spec: SplitSpec) -> Splits:
     classes = _classes(target, problem)
 
     parts = _assign_rows(target, problem, classes, spec)
-    columns = _FeatureColumns(frame, features)
-    rows = {name: columns.split(idx) for name, idx in parts.items()}
+    # The matrix lives on only where a split reads from it (float64 data).
+    rows = _FeatureMatrix(frame, features).split(parts)
     if spec.standardize:
         mean, std = _column_stats(rows["train"])
         std = np.where(std > 0, std, 1.0)
@@ -241,7 +241,7 @@ def split_table(table: Table | pd.DataFrame, spec: SplitSpec) -> Splits:
         name: TensorSplit(rows[name].standardized(mean, std), y_all[torch.from_numpy(idx)])
         for name, idx in parts.items()
     }
-    del rows, columns
+    del rows
     key = _splits_key(table.key, spec)
     return Splits(**splits, info=info, key=key)
 
@@ -366,40 +366,61 @@ def _numeric_features(frame: pd.DataFrame, features: list[str]) -> np.ndarray:
 _BLOCK_ROWS = 1 << 15
 
 
-class _FeatureColumns:
-    """The feature columns as the frame holds them, without the row-major copy of the
-    whole table (which costs more than the standardising), read as row-major
-    float64 blocks: the same numbers ``_numeric_features`` gives, in float64.
+# Bytes of the matrix filled per block of rows: the block stays in cache while the
+# columns are written into it, so the transpose reads and writes memory in order.
+_TRANSPOSE_BYTES = 1 << 20
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
-    ``split`` gathers one split's rows. When every feature is float32 (exact in
-    float32, as Parquet data usually is) it gathers them once into the split's
-    float32 tensor and works there in place, so the train rows are read from the
-    frame once instead of once per pass."""
+
+class _FeatureMatrix:
+    """The feature values as one row-major matrix: float32 when every feature is float32
+    (exact, as Parquet data usually is), float64 otherwise (the numbers
+    ``_numeric_features`` gives).
+
+    A split's rows are whole rows of it, read in one sequential run each, instead of
+    one random read per value from every column; the matrix is filled from the
+    frame's columns block by block, so that copy runs in order too. ``split`` of
+    float32 data gathers the rows once into the split's float32 tensor, which the
+    statistics and the standardising then work on in place."""
 
     def __init__(self, frame: pd.DataFrame, features: list[str]):
         self.float32 = all(frame[c].dtype == np.float32 for c in features)
-        if self.float32 or all(frame[c].dtype == np.float64 for c in features):
-            self.columns = [frame[c].to_numpy() for c in features]
-        else:  # ints, bools, nullable types: one conversion, as before
-            whole = _numeric_features(frame, features)
-            self.columns = [whole[:, j] for j in range(whole.shape[1])]
+        dtype = np.dtype(np.float32 if self.float32 else np.float64)
+        columns = [
+            frame[c].to_numpy() if frame[c].dtype == dtype else frame[c].to_numpy(dtype=dtype, na_value=np.nan)
+            for c in features
+        ]
         self.width = len(features)
+        # Allocated by torch: numpy asks the kernel for huge pages for large arrays, and
+        # where it compacts memory for them on demand (THP defrag "madvise", a common
+        # default) the first write to a new array can cost several times the copy.
+        self.matrix = torch.empty((len(frame), self.width), dtype=_TORCH_DTYPES[dtype]).numpy()
+        step = max(1, _TRANSPOSE_BYTES // max(1, self.width * dtype.itemsize))
+        for start in range(0, len(frame), step):
+            block = self.matrix[start : start + step]
+            for j, column in enumerate(columns):
+                block[:, j] = column[start : start + step]
 
-    def split(self, rows: np.ndarray) -> "_SplitRows":
+    def split(self, parts: dict[str, np.ndarray]) -> dict[str, "_SplitRows"]:
+        """Each split's rows, by split name."""
+        return {name: self._rows(rows) for name, rows in parts.items()}
+
+    def _rows(self, rows: np.ndarray) -> "_SplitRows":
         if not self.float32:
-            return _SplitRows(self, rows, None)
-        gathered = np.empty((len(rows), self.width), dtype=np.float32)
-        for j, column in enumerate(self.columns):
-            gathered[:, j] = column[rows]
-        return _SplitRows(self, rows, gathered)
+            return _SplitRows(self.width, rows, matrix=self.matrix)
+        # torch's row gather uses every core; numpy's fancy indexing one.
+        gathered = torch.from_numpy(self.matrix).index_select(0, torch.from_numpy(rows)).numpy()
+        return _SplitRows(self.width, rows, gathered=gathered)
 
 
 class _SplitRows:
-    """One split's feature rows, visited in float64 blocks of ``_BLOCK_ROWS`` in row order."""
+    """One split's feature rows, visited in float64 blocks of ``_BLOCK_ROWS`` in row order:
+    from its own float32 copy (``gathered``) or straight from the float64 ``matrix``."""
 
-    def __init__(self, source: _FeatureColumns, rows: np.ndarray, gathered: np.ndarray | None):
-        self.source, self.rows, self.gathered = source, rows, gathered
-        self.scratch = np.empty((min(len(rows), _BLOCK_ROWS), source.width), dtype=np.float64)
+    def __init__(self, width: int, rows: np.ndarray, *, gathered: np.ndarray | None = None,
+                 matrix: np.ndarray | None = None):
+        self.width, self.rows, self.gathered, self.matrix = width, rows, gathered, matrix
+        self.scratch = np.empty((min(len(rows), _BLOCK_ROWS), width), dtype=np.float64)
 
     def blocks(self) -> Iterator[tuple[slice, np.ndarray]]:
         """(where in the split, its rows as float64) per block; a block may be changed in place."""
@@ -409,14 +430,13 @@ class _SplitRows:
             if self.gathered is not None:
                 block[...] = self.gathered[where]
             else:
-                for j, column in enumerate(self.source.columns):
-                    block[:, j] = column[self.rows[where]]
+                np.take(self.matrix, self.rows[where], axis=0, out=block)
             yield where, block
 
     def standardized(self, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
         """``(rows - mean) / std`` as float32, computed in float64."""
         out = self.gathered if self.gathered is not None else \
-            np.empty((len(self.rows), self.source.width), dtype=np.float32)
+            np.empty((len(self.rows), self.width), dtype=np.float32)
         for where, block in self.blocks():
             block -= mean
             block /= std
@@ -428,11 +448,11 @@ def _column_stats(rows: _SplitRows) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (population) standard deviation per column, in float64, by blocks of
     rows in a fixed order: bitwise reproducible, and without a float64 copy of the data."""
     n = len(rows.rows)
-    total = np.zeros(rows.source.width, dtype=np.float64)
+    total = np.zeros(rows.width, dtype=np.float64)
     for _, block in rows.blocks():
         total += block.sum(axis=0)
     mean = total / max(n, 1)
-    squares = np.zeros(rows.source.width, dtype=np.float64)
+    squares = np.zeros(rows.width, dtype=np.float64)
     for _, block in rows.blocks():
         block -= mean
         block *= block
