@@ -254,13 +254,14 @@ def result_store(storage: TorchStorage | None = None) -> ResultStore:
     return ResultStore(result_storage=result_storage(storage), serializer=TorchSerializer())
 
 
-def save_result_storage(storage: TorchStorage | None = None) -> str:
-    """Save a Torch Result Storage block over ``storage``; return its slug.
+def save_result_storage(storage: TorchStorage | None = None) -> TorchResultStorage:
+    """Save a Torch Result Storage block over ``storage``; return it, saved.
 
     Prefect only accepts saved blocks as a task's or flow's ``result_storage``.
     The name is derived from where the storage points, so calling this again for
-    the same place updates the same block. Needs a Prefect API (or an ephemeral
-    server).
+    the same place updates the same block. The saved instance (not its slug) is
+    what tasks should get: with a slug, Prefect reads the block back from the API
+    twice per task run. Needs a Prefect API (or an ephemeral server).
     """
     block = result_storage(storage)
     location = "|".join(
@@ -269,7 +270,7 @@ def save_result_storage(storage: TorchStorage | None = None) -> str:
     )
     name = "results-" + hashlib.sha256(location.encode()).hexdigest()[:16]
     block.save(name, overwrite=True, _sync=True)
-    return f"{TorchResultStorage.get_block_type_slug()}/{name}"
+    return block
 
 
 def result_options(storage: TorchStorage | None = None) -> dict[str, Any]:

@@ -360,10 +360,13 @@ def test_result_options_save_a_loadable_result_storage(
 ) -> None:
     storage = TorchStorage(basepath=str(tmp_path), aws_secret_access_key="s3cr3t-value")
     options = result_options(storage)
-    assert options == result_options(storage)  # same place, same block
-    assert options["result_storage"].startswith("torch-result-storage/")
+    saved = options["result_storage"]
+    # A saved block, so Prefect needs no API call to resolve it for each task run.
+    assert isinstance(saved, TorchResultStorage) and saved._block_document_id is not None
+    again = result_options(storage)["result_storage"]
+    assert again._block_document_id == saved._block_document_id  # same place, same block
     assert isinstance(options["result_serializer"], TorchSerializer)
-    loaded = Block.load(options["result_storage"])  # how Prefect resolves the slug
+    loaded = Block.load(f"torch-result-storage/{saved._block_document_name}")
     assert isinstance(loaded, TorchResultStorage)
     assert loaded.storage.basepath == str(tmp_path)
     assert loaded.storage.aws_secret_access_key.get_secret_value() == "s3cr3t-value"
