@@ -24,7 +24,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
 
@@ -106,14 +106,28 @@ class EpochOrders:
 
     def __init__(self, rows: int, seed: int, shuffle: bool, pin: bool):
         self.rows, self.seed, self.shuffle, self.pin = rows, seed, shuffle, pin
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-torch-order")
         self._ahead: dict[int, Future] = {}
 
     def get(self, epoch: int) -> torch.Tensor:
         future = self._ahead.pop(epoch, None)
         order = future.result() if future is not None else self._compute(epoch)
-        self._ahead = {epoch + 1: self._pool.submit(self._compute, epoch + 1)}
+        self._ahead = {epoch + 1: self._in_background(epoch + 1)}
         return order
+
+    def _in_background(self, epoch: int) -> Future:
+        # A daemon thread per epoch, not an executor: an executor's idle worker is a
+        # non-daemon thread that outlives training and holds up the process's exit.
+        future: Future = Future()
+
+        def compute() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(self._compute(epoch))
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on it
+                    future.set_exception(exc)
+
+        threading.Thread(target=compute, name="prefect-torch-order", daemon=True).start()
+        return future
 
     def _compute(self, epoch: int) -> torch.Tensor:
         order = epoch_order(self.rows, self.seed, epoch, self.shuffle)

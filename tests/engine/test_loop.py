@@ -1,4 +1,5 @@
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -51,6 +52,15 @@ def test_seeded_runs_reproduce_bitwise():
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(pa, pb), name
     assert [h["train_loss"] for h in ra.history] == [h["train_loss"] for h in rb.history]
+
+
+def test_training_leaves_no_thread_that_would_hold_up_the_exit():
+    # The CLI ends without the interpreter's teardown only when no non-daemon thread is
+    # left; the next epoch's order, computed ahead, must not leave one behind.
+    before = set(threading.enumerate())
+    trainer_kept_alive = train(noisy_linear(300), "y", epochs=3, batch_size=16)
+    left = [t for t in set(threading.enumerate()) - before if t.is_alive() and not t.daemon]
+    assert trainer_kept_alive and left == []
 
 
 def test_different_seed_changes_the_result():
