@@ -393,6 +393,19 @@ def _check_input(args: argparse.Namespace) -> None:
             raise _UsageError(f"Model folder not found: {args.model}. Pass the model_uri a train run printed.")
 
 
+def _start_reading(args: argparse.Namespace) -> None:
+    """Read a dataset the cache has not seen in the background, while Prefect is imported
+    and the flow run starts: the Data Load card then takes the table instead of reading
+    it (``engine.data.start_loading``)."""
+    from prefect_torch.engine.data import LoadSpec, start_loading
+    from prefect_torch.engine.fingerprint import cache_folder
+
+    # Prefect's home as Prefect will find it; a home set elsewhere (a prefect.toml) only
+    # means a file the cache knows may be read here for nothing.
+    home = os.environ.get("PREFECT_HOME") or "~/.prefect"
+    start_loading(LoadSpec(uri=args.data, format=args.format), cache_folder(home))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
@@ -403,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if args.command == "train":
+        _start_reading(args)
     if not args.debug and args.command not in ("predict", "warm"):
         _hide_user_error_tracebacks()
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -19,7 +19,8 @@ import pandas as pd
 from pydantic import Field
 
 from prefect_torch.engine.csvread import read_csv_bytes
-from prefect_torch.engine.fingerprint import content_key, remember, take_bytes
+from prefect_torch.engine import prefetch
+from prefect_torch.engine.fingerprint import content_key, drop_bytes, is_remembered, remember, take_bytes
 from prefect_torch.engine.peek import check_parquet_markers, detect_format, unreadable_parquet
 from prefect_torch.engine.records import Recordable
 from prefect_torch.engine.spec import Spec
@@ -183,10 +184,20 @@ def load_table(
     ``fingerprint_cache`` is the folder of remembered file fingerprints (see
     ``fingerprint``): the key computed here is remembered there."""
     source = source or spec.uri
+    early = _take_early_read(spec) if storage_options is None and source == spec.uri else None
+    if early is not None:
+        stat, key, table = early
+        remember(_local(spec.uri), stat, key, fingerprint_cache)
+        return table
     raw, stat = _read_bytes(spec.uri, storage_options)
     key = content_key(raw)
     if stat is not None:
         remember(_local(spec.uri), stat, key, fingerprint_cache)
+    return _parse(spec, raw, key, stat, source, storage_options)
+
+
+def _parse(spec: LoadSpec, raw: bytes, key: str, stat: os.stat_result | None, source: str,
+           storage_options: dict[str, Any] | None) -> Table:
     fmt = detect_format(spec.uri, spec.format, raw)
     if fmt == "parquet":
         frame, first_line, lines = _parse_parquet(raw, source), None, None
@@ -207,13 +218,81 @@ def load_table(
     return Table(frame, key, source, first_line, lines, ref=ref, storage_options=storage_options)
 
 
+def start_loading(spec: LoadSpec, fingerprint_cache: str | Path | None) -> bool:
+    """Start reading ``spec``'s local file in a background thread (``prefetch``), for the
+    ``load_table`` that follows in this process; whether it started.
+
+    Only a file whose fingerprint is not remembered (in ``fingerprint_cache``) in its
+    current state is read: one the cache has not seen, whose Data Load is no cache hit.
+    A file the cache knows is left alone, so a rerun that changes only the model
+    still never reads it."""
+    if not _is_local(spec.uri):
+        return False
+    path = _local(spec.uri)
+    if not path.is_file() or is_remembered(path, fingerprint_cache):
+        return False
+    # The thread must not import (see ``prefetch``): what the parse uses is imported here.
+    import pyarrow  # noqa: F401
+    import pyarrow.compute  # noqa: F401
+    import pyarrow.csv  # noqa: F401
+    import pyarrow.pandas_compat  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+
+    real = path.resolve()
+    prefetch.start(str(real), lambda: _read_early(spec, path))
+    return True
+
+
+def _read_early(spec: LoadSpec, path: Path) -> tuple[LoadSpec, os.stat_result, str, Table] | None:
+    before = path.stat()
+    raw = path.read_bytes()
+    if _file_state(path.stat()) != _file_state(before):
+        return None  # written to while read: the card reads it itself
+    key = content_key(raw)
+    remember(path, before, key, None)  # this process's fingerprint; the card stores it on disk
+    return spec, before, key, _parse(spec, raw, key, before, spec.uri, None)
+
+
+def _take_early_read(spec: LoadSpec) -> tuple[os.stat_result, str, Table] | None:
+    """The table ``start_loading`` read for this same spec, if the file is still in the
+    state it was read in."""
+    if not _is_local(spec.uri):
+        return None
+    path = _local(spec.uri)
+    try:
+        early = prefetch.take(str(path.resolve()))
+        if early is None:
+            return None
+        read_spec, before, key, table = early
+        if read_spec != spec or _file_state(path.stat()) != _file_state(before):
+            return None
+    except OSError:
+        return None
+    return before, key, table
+
+
+def drop_early_reads() -> None:
+    """Let go of what was read for a Data Load that did not need it (a cache hit): the
+    bytes its fingerprint kept and any table ``start_loading`` read."""
+    drop_bytes()
+    prefetch.discard()
+
+
+def _file_state(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
 def _local(uri: str) -> Path:
     return Path(uri.removeprefix("file://")).expanduser()
 
 
 def _read_bytes(uri: str, storage_options: dict[str, Any] | None) -> tuple[bytes, os.stat_result | None]:
     """The bytes at ``uri``, and for a local file its state before the read."""
-    if "://" not in uri or uri.startswith("file://"):
+    if _is_local(uri):
         path = _local(uri)
         if not path.exists():
             raise DataError(f"Dataset file not found: {uri}. Check the path (relative to {Path.cwd()}).")

@@ -24,6 +24,7 @@ from typing import Any
 
 import xxhash
 
+from prefect_torch.engine import prefetch
 from prefect_torch.errors import DataError
 
 PREFIX = "xxh3-"
@@ -40,6 +41,11 @@ def source_key(uri: str, storage_options: dict[str, Any] | None = None, cache_di
     if "://" not in uri or uri.startswith("file://"):
         return _local_key(Path(uri.removeprefix("file://")).expanduser(), cache_dir)
     return _object_key(uri, storage_options or {})
+
+
+def cache_folder(prefect_home: str | Path) -> Path:
+    """Where the fingerprints of a Prefect home are remembered."""
+    return Path(prefect_home).expanduser() / "prefect-torch" / "fingerprints"
 
 
 def content_key(data: bytes | bytearray | memoryview) -> str:
@@ -70,15 +76,12 @@ def _local_key(path: Path, cache_dir: str | Path | None) -> str:
     except FileNotFoundError as exc:
         raise DataError(f"Dataset file not found: {path}. Check the path (relative to {Path.cwd()}).") from exc
     real = path.resolve()
+    # A read started early (``prefetch``) hashes this file: take its key, not a second read.
+    prefetch.wait(str(real))
     state = _state(real, stat)
-    if state in _local_cache:
-        return _local_cache[state]
-    if cache_dir is not None:
-        with suppress(OSError, ValueError, TypeError):
-            entry = json.loads(_entry_path(cache_dir, real).read_text())
-            if tuple(entry["state"]) == state and str(entry["key"]).startswith(PREFIX):
-                _local_cache[state] = entry["key"]
-                return entry["key"]
+    known = _remembered(real, state, cache_dir)
+    if known is not None:
+        return known
     global _recent
     _recent = None
     try:
@@ -89,6 +92,28 @@ def _local_key(path: Path, cache_dir: str | Path | None) -> str:
     remember(path, stat, key, cache_dir)
     _recent = (state, data)
     return key
+
+
+def _remembered(real: Path, state: tuple[Any, ...], cache_dir: str | Path | None) -> str | None:
+    if state in _local_cache:
+        return _local_cache[state]
+    if cache_dir is not None:
+        with suppress(OSError, ValueError, TypeError):
+            entry = json.loads(_entry_path(cache_dir, real).read_text())
+            if tuple(entry["state"]) == state and str(entry["key"]).startswith(PREFIX):
+                _local_cache[state] = entry["key"]
+                return entry["key"]
+    return None
+
+
+def is_remembered(path: str | Path, cache_dir: str | Path | None) -> bool:
+    """Whether ``source_key`` knows the key of the local file at ``path`` in its current
+    state, so that it would not read the file."""
+    path = Path(path)
+    try:
+        return _remembered(path.resolve(), _state(path.resolve(), path.stat()), cache_dir) is not None
+    except OSError:
+        return False
 
 
 def take_bytes(path: str | Path, stat: os.stat_result) -> bytes | None:
@@ -142,4 +167,4 @@ def clear_cache() -> None:
     drop_bytes()
 
 
-__all__ = ["source_key", "content_key", "remember", "take_bytes", "drop_bytes", "clear_cache", "PREFIX"]
+__all__ = ["cache_folder", "source_key", "content_key", "remember", "is_remembered", "take_bytes", "drop_bytes", "clear_cache", "PREFIX"]

@@ -42,7 +42,7 @@ from prefect_torch.tasks._common import default_checkpoints_root
 from prefect_torch.engine.checkpoint import checkpoint_key, checkpoint_trainer, resume_trainer
 from prefect_torch.engine.device import resolve_device
 from prefect_torch.engine.fileio import join
-from prefect_torch.engine.fingerprint import drop_bytes
+from prefect_torch.engine.data import drop_early_reads
 from prefect_torch.engine.handles import ModelHandle, OptimizerHandle
 from prefect_torch.engine.loop import Callback, EpochRecord, Trainer, TrainSpec
 from prefect_torch.engine.models import ModelSpec, count_parameters
@@ -473,7 +473,7 @@ def stepwise_train_flow(
     user_steps = UserSteps(after_loss, after_backward, after_step)
     user_steps.check()
     table = data_load(dataset.load_spec())
-    drop_bytes()  # a cached Load did not take the bytes its fingerprint read
+    drop_early_reads()  # a cached Load took neither the bytes its fingerprint read nor an early read
     splits = data_split(table, dataset.split_spec())
     handle = model_define(model, splits)
     # The optimizer is built on the training device, as the Train card builds it.

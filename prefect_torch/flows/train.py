@@ -11,8 +11,8 @@ from prefect import flow, get_run_logger, task
 from prefect.assets import materialize
 from prefect.cache_policies import NO_CACHE
 
+from prefect_torch.engine.data import drop_early_reads
 from prefect_torch.engine.fileio import join
-from prefect_torch.engine.fingerprint import drop_bytes
 from prefect_torch.engine.handles import ModelHandle
 from prefect_torch.engine.loop import Callback, TrainSpec
 from prefect_torch.engine.models import ModelSpec, count_parameters
@@ -102,7 +102,7 @@ def train_flow(
     logger = get_run_logger()
     load, split, define, fit, score = persisted_in(None, data_load, data_split, model_define, train, evaluate)
     table = load(dataset.load_spec())
-    drop_bytes()  # a cached Load did not take the bytes its fingerprint read
+    drop_early_reads()  # a cached Load took neither the bytes its fingerprint read nor an early read
     splits = split(table, dataset.split_spec())
     handle = define(model, splits)
     watchers = list(_extra_callbacks.get())

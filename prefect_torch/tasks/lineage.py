@@ -86,8 +86,8 @@ class SourceLineage(Lineage):
 
 def fingerprint_cache():
     """Folder of remembered dataset-file fingerprints, under the Prefect home."""
-    from pathlib import Path
-
     from prefect.settings import PREFECT_HOME
 
-    return Path(PREFECT_HOME.value()).expanduser() / "prefect-torch" / "fingerprints"
+    from prefect_torch.engine.fingerprint import cache_folder
+
+    return cache_folder(PREFECT_HOME.value())

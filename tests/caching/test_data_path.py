@@ -64,6 +64,29 @@ class TestCachedData:
         assert cached(cards) == {"data_load", "data_split"} and cards["train"] == "Completed"
         assert json.loads(audit)["opened"] == []
 
+    def test_the_cli_reads_a_new_dataset_once_and_a_rerun_with_another_model_not_at_all(self, data):
+        """The command reads a dataset the cache has not seen while it starts (in the
+        background); Data Load takes that table. A rerun only peeks at the header to
+        check the columns before Prefect starts."""
+        from prefect.settings import PREFECT_API_URL
+
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(prefect_home()),
+               "WATCH_PATH": str(data)}
+
+        def train(hidden: str) -> tuple[dict, list[str]]:
+            argv = ["train", str(data), "--target", "y", "--epochs", "1", "--hidden", hidden, "--json"]
+            out = subprocess.run([sys.executable, "-m", "tests.caching.run_cli_audited", json.dumps(argv)],
+                                 capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+            assert out.returncode == 0, out.stderr[-3000:]
+            *_, result, audit = out.stdout.strip().splitlines()
+            return json.loads(result), json.loads(audit)["opened_by"]
+
+        first, opened_by = train("16")
+        assert sorted(opened_by) == ["_read_early", "check_columns"]
+        again, opened_by = train("24")
+        assert opened_by == ["check_columns"]
+        assert again["data_key"] == first["data_key"]
+
     def test_a_split_cache_hit_maps_the_stored_tensor_file(self, data):
         @flow
         def load_and_split(uri: str):

@@ -1,0 +1,76 @@
+"""Work started early in a background thread, taken once by whoever needs it.
+
+A command's first second or two go to importing Prefect and creating its flow
+run, which hold the GIL; reading, hashing and parsing a dataset file mostly
+release it. So the CLI starts the Data Load card's read as soon as it knows the
+dataset (``prefect_torch.engine.data.start_loading``), and the card takes the
+result when it runs instead of reading the file again.
+
+A job never imports: the caller imports what it needs first, because an import
+in this thread racing one in the main thread could deadlock. A job that fails
+leaves nothing behind: whoever needed its result does the work itself and meets
+the same error the usual way.
+
+This module imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+_lock = threading.Lock()
+_jobs: dict[str, "_Job"] = {}
+
+
+class _Job:
+    def __init__(self, work: Callable[[], Any]):
+        self.work = work
+        self.done = threading.Event()
+        self.result: Any = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.work()
+        except BaseException:  # noqa: BLE001 - the taker redoes the work and meets the error there
+            self.result = None
+        finally:
+            self.done.set()
+
+
+def start(name: str, work: Callable[[], Any]) -> None:
+    """Run ``work()`` in a daemon thread; its result is ``take(name)``'s."""
+    job = _Job(work)
+    with _lock:
+        _jobs[name] = job
+    threading.Thread(target=job.run, name=f"prefect-torch-prefetch-{name}", daemon=True).start()
+
+
+def wait(name: str) -> None:
+    """Return once the job called ``name`` (if one was started and not taken) has finished."""
+    with _lock:
+        job = _jobs.get(name)
+    if job is not None:
+        job.done.wait()
+
+
+def take(name: str) -> Any:
+    """The result of the job called ``name``, once it has finished; ``None`` if there is
+    no such job, it failed, or it was taken already."""
+    with _lock:
+        job = _jobs.pop(name, None)
+    if job is None:
+        return None
+    job.done.wait()
+    return job.result
+
+
+def discard() -> None:
+    """Forget every job not taken (a cached Load needed none): its result is let go
+    as soon as its thread ends."""
+    with _lock:
+        _jobs.clear()
+
+
+__all__ = ["start", "wait", "take", "discard"]
