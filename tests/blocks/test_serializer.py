@@ -372,6 +372,29 @@ def test_result_options_save_a_loadable_result_storage(
     assert loaded.storage.aws_secret_access_key.get_secret_value() == "s3cr3t-value"
 
 
+def test_result_storage_is_written_only_when_its_settings_change(prefect_api: None, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    def document(block: TorchResultStorage):
+        with get_client(sync_client=True) as client:
+            return client.read_block_document_by_name(
+                block._block_document_name, block_type_slug="torch-result-storage", include_secrets=True
+            )
+
+    first = result_options(TorchStorage(basepath=str(tmp_path), aws_secret_access_key="one"))["result_storage"]
+    written = document(first).updated
+    same = result_options(TorchStorage(basepath=str(tmp_path), aws_secret_access_key="one"))["result_storage"]
+    assert document(same).updated == written  # read back, not saved again
+    assert same.storage.aws_secret_access_key.get_secret_value() == "one"
+
+    # Same place (so the same block), a new secret: saved, and tasks get the new one.
+    rotated = result_options(TorchStorage(basepath=str(tmp_path), aws_secret_access_key="two"))["result_storage"]
+    assert rotated._block_document_name == first._block_document_name
+    assert document(rotated).updated > written
+    assert document(rotated).data["storage"]["aws_secret_access_key"] == "two"
+    assert rotated.storage.aws_secret_access_key.get_secret_value() == "two"
+
+
 def test_tasks_cache_with_prefect_torch_records(prefect_api: None, tmp_path: Path) -> None:
     storage = TorchStorage(basepath=str(tmp_path))
     call_count["train"] = 0
