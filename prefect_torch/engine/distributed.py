@@ -467,6 +467,10 @@ def _run_worker(job_dir: str) -> None:
         dist.barrier()  # every rank has read the checkpoint before rank 0 may write the next
         result = trainer.fit()
         _write_result(job, trainer, result)
+        # No rank tears the group down while another still talks to it: gloo aborts a
+        # process ("terminate called without an active exception") when that happens.
+        # A failed rank skips this; the launcher then stops the others.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

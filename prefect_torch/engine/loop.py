@@ -269,6 +269,7 @@ class Trainer:
         """Name why training stopped and restore the best weights (early stopping)."""
         if self.state.stop_reason is None:
             self.state.stop_reason = f"completed {self.spec.epochs} epochs"
+        self.source.settle()
         restored = self.restore_best_weights()
         return FitResult(
             history=list(self.state.history),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Literal
 
@@ -89,7 +89,7 @@ def choose_placement(
 def make_source(
     placement: Placement, train: TensorSplit, device: torch.device, batch_size: int, seed: int, shuffle: bool
 ) -> "ResidentSource | StreamingSource":
-    """The batch source for ``placement``: both have ``data``, ``batches()`` and ``epoch_data()``."""
+    """The batch source for ``placement``: both have ``data``, ``batches()``, ``epoch_data()`` and ``settle()``."""
     if placement.kind == "resident":
         return ResidentSource(train, device, seed, shuffle)
     return StreamingSource(train, device, batch_size, seed, shuffle)
@@ -113,6 +113,11 @@ class EpochOrders:
         order = future.result() if future is not None else self._compute(epoch)
         self._ahead = {epoch + 1: self._in_background(epoch + 1)}
         return order
+
+    def settle(self) -> None:
+        """Wait for the order being computed ahead, if any, so that no thread of ours is
+        still inside torch when training ends (at the process's exit that can abort it)."""
+        wait(list(self._ahead.values()))
 
     def _in_background(self, epoch: int) -> Future:
         # A daemon thread per epoch, not an executor: an executor's idle worker is a
@@ -149,6 +154,9 @@ class ResidentSource:
     def __len__(self) -> int:
         return len(self.data)
 
+    def settle(self) -> None:
+        self.orders.settle()
+
     def epoch_data(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The split in this epoch's order: one gather on the device."""
         if not self.shuffle:
@@ -183,6 +191,9 @@ class StreamingSource:
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def settle(self) -> None:
+        self.orders.settle()
 
     def epoch_data(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole split in this epoch's order, on the host."""
