@@ -32,12 +32,17 @@ COARSE = ("data_load", "data_split", "model_define", "train", "evaluate")
 TRAINING = {"epochs": 40, "batch_size": 8, "device": "cpu", "checkpoint_every": 50}
 
 
-def params(data: Path, output: Path) -> dict:
+# Long enough (tens of seconds on a loaded machine) that the first run is still
+# training when the second, started then, has reached the Train card.
+LONG_EPOCHS = 150
+
+
+def params(data: Path, output: Path, epochs: int = TRAINING["epochs"]) -> dict:
     return {
         "dataset": {"uri": str(data), "target": "y"},
         "model": {"hidden": [32, 32]},
         "optimizer": {"lr": 0.005},
-        "training": TRAINING,
+        "training": {**TRAINING, "epochs": epochs},
         "output": str(output),
     }
 
@@ -125,21 +130,24 @@ HOLD_SECONDS = 86_400.0
 def test_a_killed_lock_holder_on_this_host_is_taken_over_at_once(shared):
     data, env, tmp = shared
     env = {**env, "PREFECT_TORCH_LOCK_HOLD_SECONDS": str(HOLD_SECONDS)}
-    runs = [start_run(params(data, tmp / f"model-{i}"), env, tmp / f"run-{i}.log") for i in range(2)]
+    # The second run starts once the first trains (holds the Train card's lock), so that
+    # it meets that lock however slowly either process starts on a loaded machine.
+    holder = start_run(params(data, tmp / "model-0", epochs=LONG_EPOCHS), env, tmp / "run-0.log")
+    runs = [holder]
     try:
-        # Wait until one run trains (holds the Train card's lock) and the other waits for it.
         deadline = time.monotonic() + 240
-        while True:
-            lease = train_lease(tmp / "home")
-            waiting = [run for run in runs if waited_for_a_lock(run, "train-")]
-            if lease is not None and waiting:
-                break
-            assert all(run.popen.poll() is None for run in runs), [run.log_tail() for run in runs]
-            assert time.monotonic() < deadline, "no run waited on the other's Train lock"
+        while (lease := train_lease(tmp / "home")) is None:
+            assert holder.popen.poll() is None, holder.log_tail()
+            assert time.monotonic() < deadline, "the first run never held the Train lock"
             time.sleep(0.05)
-        holder = next(run for run in runs if run.pid == holder_pid(lease))
-        waiter = next(run for run in runs if run is not holder)
-        assert waiting == [waiter]
+        assert holder_pid(lease) == holder.pid
+        waiter = start_run(params(data, tmp / "model-1", epochs=LONG_EPOCHS), env, tmp / "run-1.log")
+        runs.append(waiter)
+        while not waited_for_a_lock(waiter, "train-"):
+            assert all(run.popen.poll() is None for run in runs), [run.log_tail() for run in runs]
+            assert time.monotonic() < deadline, "the second run did not wait on the first's Train lock"
+            time.sleep(0.05)
+        assert holder_pid(train_lease(tmp / "home")) == holder.pid
 
         os.killpg(holder.pid, signal.SIGKILL)  # mid-training: no cleanup, the lock file stays
         holder.popen.wait(timeout=30)
