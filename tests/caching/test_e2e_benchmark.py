@@ -21,6 +21,7 @@ def test_the_quick_e2e_benchmark_reports_every_run_and_card():
     figures = json.loads(out.stdout)
     runs = figures["runs"]
     assert set(runs) == {"plain", "first", "cached", "model_only", "first_warm"}
+    assert len(runs["plain"]["all_seconds"]) == 3 and runs["plain"]["seconds"] == sorted(runs["plain"]["all_seconds"])[1]
     # The first command runs in its own process and leaves a warm process for the others.
     assert [runs[name]["warm"] for name in ("first", "cached", "model_only", "first_warm")] == [False, True, True, True]
     assert figures["warm_process_rss_mb"] > 0 and figures["warm_process_ready_after_s"] >= 0
