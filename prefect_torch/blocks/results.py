@@ -269,16 +269,15 @@ def save_result_storage(storage: TorchStorage | None = None) -> TorchResultStora
         for part in (block.storage.url(""), block.storage.endpoint_url, block.storage.region)
     )
     name = "results-" + hashlib.sha256(location.encode()).hexdigest()[:16]
-    saved = _saved_as_is(block, name)
-    if saved is not None:
-        return saved
-    block.save(name, overwrite=True, _sync=True)
+    if not _saved_as_is(block, name):
+        block.save(name, overwrite=True, _sync=True)
     return block
 
 
-def _saved_as_is(block: TorchResultStorage, name: str) -> TorchResultStorage | None:
-    """The block saved as ``name`` when a save would change nothing: the same settings,
-    secrets included, under the same schema. One API read instead of a save's
+def _saved_as_is(block: TorchResultStorage, name: str) -> bool:
+    """Whether ``name`` already holds what a save of ``block`` would write (the same
+    settings, secrets included, under the same schema); if so, ``block`` is marked as
+    that saved document, as a save would. One API read instead of a save's
     registration of the block type and schema and its write (about 0.3 s a run)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -289,11 +288,13 @@ def _saved_as_is(block: TorchResultStorage, name: str) -> TorchResultStorage | N
                 name, block_type_slug=block.get_block_type_slug(), include_secrets=True
             )
     except ObjectNotFound:
-        return None
+        return False
     if document.block_schema is None or document.block_schema.checksum != block._calculate_schema_checksum():
-        return None
-    saved = TorchResultStorage._from_block_document(document)
-    return saved if _settings(saved) == _settings(block) else None
+        return False
+    if _settings(TorchResultStorage._from_block_document(document)) != _settings(block):
+        return False
+    block._block_document_id, block._block_document_name = document.id, document.name
+    return True
 
 
 def _settings(block: TorchResultStorage) -> dict[str, Any]:

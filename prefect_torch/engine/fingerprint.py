@@ -7,7 +7,8 @@ home), so a rerun in a new process does not read the file at all. Any change of
 that state (a rewrite, a copy over it, a ``touch``) re-hashes the file. A file
 modified less than a second before it was hashed is not remembered on disk (a
 second write within the file system's timestamp tick could go unseen), like
-git's "racily clean" entries.
+git's "racily clean" entries. A file being read in the background
+(``data.start_loading``) is waited for: its key comes from that read.
 
 An object in a store is keyed by its ETag or version id, which the store
 computes from the content.
