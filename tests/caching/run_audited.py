@@ -1,9 +1,12 @@
-"""run_train_flow in this process, watching which files it opens.
+"""A train run in this process, watching who opens one file.
 
-argv as for ``run_train_flow``; the environment variable ``WATCH_PATH`` names a
-file. After run_train_flow's JSON line, prints ``{"opened": [...]}``: every open
-of that file (Python's ``open``/``os.open``, through an audit hook, which also
-sees the opens of libraries that read through Python) during the run.
+    python -m tests.caching.run_audited REQUEST_JSON        # run_train_flow's argv
+    python -m tests.caching.run_audited --cli ARGV_JSON     # the prefect-torch command (cli.main)
+
+The environment variable ``WATCH_PATH`` names a file. After the run's own output,
+prints ``{"opened_by": [...]}``: for every open of that file during the run (an
+audit hook sees Python's ``open``/``os.open`` and the opens of libraries that read
+through Python), the prefect_torch function that made it.
 """
 
 import json
@@ -11,7 +14,16 @@ import os
 import sys
 
 WATCHED = os.path.realpath(os.environ["WATCH_PATH"])
-opened: list[str] = []
+opened_by: list[str] = []
+
+
+def _opener() -> str:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if "prefect_torch" in frame.f_code.co_filename:
+            return frame.f_code.co_name
+        frame = frame.f_back
+    return "?"
 
 
 def _hook(event: str, args: tuple) -> None:
@@ -21,15 +33,22 @@ def _hook(event: str, args: tuple) -> None:
         except (TypeError, ValueError):
             return
         if path == WATCHED:
-            opened.append(f"{path} mode={args[1] if len(args) > 1 else '?'}")
+            opened_by.append(_opener())
 
 
 def main() -> None:
-    from tests.caching import run_train_flow
-
     sys.addaudithook(_hook)
-    run_train_flow.main()
-    print(json.dumps({"opened": opened}))
+    if sys.argv[1] == "--cli":
+        from prefect_torch.cli import main as command
+
+        code = command(json.loads(sys.argv[2]))
+    else:
+        from tests.caching import run_train_flow
+
+        run_train_flow.main()
+        code = 0
+    print(json.dumps({"opened_by": opened_by}))
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ class TestCachedData:
         *_, result, audit = out.stdout.strip().splitlines()
         cards = json.loads(result)["cards"]
         assert cached(cards) == {"data_load", "data_split"} and cards["train"] == "Completed"
-        assert json.loads(audit)["opened"] == []
+        assert json.loads(audit)["opened_by"] == []
 
     def test_the_cli_reads_a_new_dataset_once_and_a_rerun_with_another_model_not_at_all(self, data):
         """The command reads a dataset the cache has not seen while it starts (in the
@@ -75,7 +75,7 @@ class TestCachedData:
 
         def train(hidden: str) -> tuple[dict, list[str]]:
             argv = ["train", str(data), "--target", "y", "--epochs", "1", "--hidden", hidden, "--json"]
-            out = subprocess.run([sys.executable, "-m", "tests.caching.run_cli_audited", json.dumps(argv)],
+            out = subprocess.run([sys.executable, "-m", "tests.caching.run_audited", "--cli", json.dumps(argv)],
                                  capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
             assert out.returncode == 0, out.stderr[-3000:]
             *_, result, audit = out.stdout.strip().splitlines()
