@@ -426,6 +426,13 @@ def worker_main(job_dir: str) -> None:
     from torch.distributed.elastic.multiprocessing.errors import record
 
     record(_run_worker)(job_dir)
+    # Done, and everything it wrote is closed: end without the interpreter's teardown.
+    # torch's native teardown at exit sometimes aborts a gloo worker ("terminate called
+    # without an active exception") after its work is done, and the launcher then
+    # reports the run as failed. A failure raises above and exits the usual way.
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def _run_worker(job_dir: str) -> None:
@@ -467,9 +474,8 @@ def _run_worker(job_dir: str) -> None:
         dist.barrier()  # every rank has read the checkpoint before rank 0 may write the next
         result = trainer.fit()
         _write_result(job, trainer, result)
-        # No rank tears the group down while another still talks to it: gloo aborts a
-        # process ("terminate called without an active exception") when that happens.
-        # A failed rank skips this; the launcher then stops the others.
+        # No rank tears the group down while another still talks to it. A failed rank
+        # skips this; the launcher then stops the others.
         dist.barrier()
     finally:
         dist.destroy_process_group()
