@@ -423,16 +423,25 @@ def worker_main(job_dir: str) -> None:
     Errors are recorded in the file the launcher names, so the card reports the
     worker's own exception and traceback.
     """
+    import traceback
+
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    record(_run_worker)(job_dir)
-    # Done, and everything it wrote is closed: end without the interpreter's teardown.
+    try:
+        record(_run_worker)(job_dir)  # on failure, writes the error file the launcher reads
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - reported as the interpreter would, then the exit below
+        traceback.print_exc()
+        code = 1
+    # Everything the worker wrote is closed: end without the interpreter's teardown.
     # torch's native teardown at exit sometimes aborts a gloo worker ("terminate called
-    # without an active exception") after its work is done, and the launcher then
-    # reports the run as failed. A failure raises above and exits the usual way.
+    # without an active exception"), and the launcher then reports SIGABRT instead of
+    # the worker's own result or error.
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def _run_worker(job_dir: str) -> None:
