@@ -10,14 +10,15 @@ with nothing from Prefect before them.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import sys
 import threading
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Sequence
+
+from prefect_torch.exiting import exit_without_teardown
 
 EXIT_USER_ERROR = 2
 
@@ -482,24 +483,6 @@ def run() -> None:
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)
     exit_without_teardown(code)
-
-
-def exit_without_teardown(code: int) -> NoReturn:
-    """Run the exit hooks, flush the standard streams and end the process, without the
-    interpreter's teardown of every object (it writes nothing and takes about a second)."""
-    try:
-        atexit._run_exitfuncs()
-    finally:
-        flush_standard_streams()
-        os._exit(code)
-
-
-def flush_standard_streams() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
-            pass
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -417,7 +417,7 @@ def _write_result(job: Path, trainer: Trainer, result: FitResult) -> None:
     partial.replace(job / RESULT_FILE)
 
 
-def worker_main(job_dir: str) -> None:
+def worker_main(job_dir: str) -> NoReturn:
     """A worker's entry point (run by the elastic launcher as ``python -c ...``).
 
     Errors are recorded in the file the launcher names, so the card reports the
@@ -427,6 +427,8 @@ def worker_main(job_dir: str) -> None:
 
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    from prefect_torch.exiting import exit_without_teardown
+
     try:
         record(_run_worker)(job_dir)  # on failure, writes the error file the launcher reads
         code = 0
@@ -435,13 +437,10 @@ def worker_main(job_dir: str) -> None:
     except BaseException:  # noqa: BLE001 - reported as the interpreter would, then the exit below
         traceback.print_exc()
         code = 1
-    # Everything the worker wrote is closed: end without the interpreter's teardown.
-    # torch's native teardown at exit sometimes aborts a gloo worker ("terminate called
-    # without an active exception"), and the launcher then reports SIGABRT instead of
-    # the worker's own result or error.
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
+    # Everything the worker wrote is closed. torch's native teardown at exit sometimes
+    # aborts a gloo worker, and the launcher then reports SIGABRT instead of the
+    # worker's own result or error.
+    exit_without_teardown(code)
 
 
 def _run_worker(job_dir: str) -> None:
@@ -483,9 +482,6 @@ def _run_worker(job_dir: str) -> None:
         dist.barrier()  # every rank has read the checkpoint before rank 0 may write the next
         result = trainer.fit()
         _write_result(job, trainer, result)
-        # No rank tears the group down while another still talks to it. A failed rank
-        # skips this; the launcher then stops the others.
-        dist.barrier()
     finally:
         dist.destroy_process_group()
 

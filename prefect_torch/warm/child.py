@@ -21,7 +21,7 @@ import threading
 import traceback
 from typing import NoReturn, Protocol
 
-from prefect_torch.cli import exit_without_teardown, flush_standard_streams
+from prefect_torch.exiting import exit_without_teardown, flush_standard_streams
 
 
 class Closable(Protocol):
