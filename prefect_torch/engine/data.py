@@ -20,7 +20,9 @@ from pydantic import Field
 
 from prefect_torch.engine.csvread import read_csv_bytes
 from prefect_torch.engine import prefetch
-from prefect_torch.engine.fingerprint import content_key, drop_bytes, is_remembered, remember, take_bytes
+from prefect_torch.engine.fingerprint import (
+    content_key, drop_bytes, is_remembered, remember, take_bytes, unchanged_since,
+)
 from prefect_torch.engine.peek import check_parquet_markers, detect_format, unreadable_parquet
 from prefect_torch.engine.records import Recordable
 from prefect_torch.engine.spec import Spec
@@ -243,11 +245,11 @@ def start_loading(spec: LoadSpec, fingerprint_cache: str | Path | None) -> bool:
     return True
 
 
-def _read_early(spec: LoadSpec, path: Path) -> tuple[LoadSpec, os.stat_result, str, Table] | None:
+def _read_early(spec: LoadSpec, path: Path) -> tuple[LoadSpec, os.stat_result, str, Table]:
+    # A file written to while read is not in the state ``before`` when the card comes to
+    # take this read: it is not taken then, nor remembered here.
     before = path.stat()
     raw = path.read_bytes()
-    if _file_state(path.stat()) != _file_state(before):
-        return None  # written to while read: the card reads it itself
     key = content_key(raw)
     remember(path, before, key, None)  # this process's fingerprint; the card stores it on disk
     return spec, before, key, _parse(spec, raw, key, before, spec.uri, None)
@@ -261,12 +263,12 @@ def _take_early_read(spec: LoadSpec) -> tuple[os.stat_result, str, Table] | None
     path = _local(spec.uri)
     try:
         early = prefetch.take(str(path.resolve()))
-        if early is None:
-            return None
-        read_spec, before, key, table = early
-        if read_spec != spec or _file_state(path.stat()) != _file_state(before):
-            return None
     except OSError:
+        return None
+    if early is None:
+        return None
+    read_spec, before, key, table = early
+    if read_spec != spec or not unchanged_since(path, before):
         return None
     return before, key, table
 
@@ -276,10 +278,6 @@ def drop_early_reads() -> None:
     bytes its fingerprint kept and any table ``start_loading`` read."""
     drop_bytes()
     prefetch.discard()
-
-
-def _file_state(stat: os.stat_result) -> tuple[int, int, int, int]:
-    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
 
 
 def _is_local(uri: str) -> bool:

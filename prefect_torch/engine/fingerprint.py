@@ -57,10 +57,17 @@ def content_key(data: bytes | bytearray | memoryview) -> str:
 def remember(path: str | Path, before: os.stat_result, key: str, cache_dir: str | Path | None = None) -> None:
     """Record that the file at ``path``, in the state ``before`` (stat taken before
     reading it), has content key ``key``; only kept if the file did not change since."""
+    if unchanged_since(path, before):
+        _store(Path(path).resolve(), before, key, cache_dir)
+
+
+def unchanged_since(path: str | Path, before: os.stat_result) -> bool:
+    """Whether the file at ``path`` is still in the state ``before`` (False if it is gone)."""
     path = Path(path)
-    with suppress(OSError):
-        if _state(path.resolve(), path.stat()) == _state(path.resolve(), before):
-            _store(path.resolve(), before, key, cache_dir)
+    try:
+        return _state(path.resolve(), path.stat()) == _state(path.resolve(), before)
+    except OSError:
+        return False
 
 
 def _state(real: Path, stat: os.stat_result) -> tuple[Any, ...]:
@@ -168,4 +175,7 @@ def clear_cache() -> None:
     drop_bytes()
 
 
-__all__ = ["cache_folder", "source_key", "content_key", "remember", "is_remembered", "take_bytes", "drop_bytes", "clear_cache", "PREFIX"]
+__all__ = [
+    "cache_folder", "source_key", "content_key", "remember", "unchanged_since", "is_remembered", "take_bytes",
+    "drop_bytes", "clear_cache", "PREFIX",
+]
