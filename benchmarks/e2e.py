@@ -59,9 +59,6 @@ sys.path.insert(0, str(REPO))
 from tests.support.prefect_server import prefect_server  # noqa: E402
 
 CARDS = ("data_load", "data_split", "model_define", "train", "evaluate", "model_save")
-# Longest wait for an idle machine before each timed run (none with --quick, which only
-# checks that the benchmark runs, often next to other tests).
-quiet_timeout = 120.0
 
 
 def make_dataset(path: Path, rows: int, features: int, seed: int = 0) -> None:
@@ -84,11 +81,11 @@ def make_dataset(path: Path, rows: int, features: int, seed: int = 0) -> None:
     writer.close()
 
 
-def run_with_rss(args: list[str], env: dict[str, str], cwd: Path) -> dict:
+def run_with_rss(args: list[str], env: dict[str, str], cwd: Path, quiet_timeout: float) -> dict:
     """Run ``args`` from a fresh Python process, so that process's RUSAGE_CHILDREN peak
     is this run's alone, once the machine is quiet; its wall time, peak RSS (MB) and the
     JSON its stdout ends with. When a warm process ran the command, the peak is its
-    child's, as it reports."""
+    child's, as it reports. ``quiet_timeout``: the longest wait for an idle machine."""
     wait_for_quiet_machine(quiet_timeout)
     report = cwd / "warm-report.json"
     report.unlink(missing_ok=True)
@@ -226,9 +223,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="20,000 rows: checks that the benchmark runs")
     args = parser.parse_args()
     rows = 20_000 if args.quick else args.rows
-    if args.quick:
-        global quiet_timeout
-        quiet_timeout = 0.0
+    # --quick only checks that the benchmark runs, often next to other tests: no waiting
+    # for an idle machine.
+    quiet_timeout = 0.0 if args.quick else 120.0
 
     with tempfile.TemporaryDirectory(prefix="ptorch-e2e-") as tmp:
         work = Path(tmp)
@@ -243,7 +240,8 @@ def main() -> None:
 
             def plain_run() -> dict:
                 return run_with_rss([sys.executable, str(REPO / "benchmarks" / "plain_script.py"), str(data),
-                                     "--target", "y", "--output", str(work / "plain.safetensors")], env, work)
+                                     "--target", "y", "--output", str(work / "plain.safetensors")], env, work,
+                                    quiet_timeout)
 
             # The plain script runs before, between and after the others; its median is the
             # base, so a busy moment of the machine (the server's start, a write-back) does
@@ -257,7 +255,7 @@ def main() -> None:
                                         ("first_warm", other, ["--hidden", "64"])):
                 if name == "model_only":
                     plain_runs.append(plain_run())
-                result = run_with_rss(command + [str(source)] + options + extra, env, work)
+                result = run_with_rss(command + [str(source)] + options + extra, env, work, quiet_timeout)
                 finished = time.perf_counter()
                 output = result.pop("output") or {}
                 result["test_metrics"] = output.get("metrics")
