@@ -90,20 +90,19 @@ class TestSameServer:
         data.write_text(data.read_text().replace("\n", "\n", 1) + "0.1,0.2,0.3,0.4,0.5,0.6,1.0\n")
         assert cached(run_here(params(data))["cards"]) == set()
 
-    def test_a_corrupted_cached_result_is_detected_and_recomputed(self, data):
-        from prefect.settings import PREFECT_HOME
+    def test_a_corrupted_cached_result_is_detected_and_recomputed(self, data, tmp_path):
+        from prefect.settings import PREFECT_HOME, temporary_settings
 
-        results = Path(PREFECT_HOME.value()) / "prefect-torch" / "results"
-        earlier = set(results.glob("train-*"))
-        first = run_here(params(data, seed=11))
-        # The Train record this run wrote (the newest train-* file of this shared home can
-        # be another test's).
-        (stored,) = set(results.glob("train-*")) - earlier
-        raw = bytearray(stored.read_bytes())
-        middle = len(raw) // 2
-        raw[middle] = ord("A") if raw[middle] != ord("A") else ord("B")  # still base64, still well-formed JSON
-        stored.write_bytes(bytes(raw))
-        again = run_here(params(data, seed=11))
+        # A Prefect home (so a storage) of its own: in the worker's shared one, other
+        # processes can write train-* records while this test looks for its own.
+        with temporary_settings({PREFECT_HOME: tmp_path / "home"}):
+            first = run_here(params(data, seed=11))
+            (stored,) = (tmp_path / "home" / "prefect-torch" / "results").glob("train-*")
+            raw = bytearray(stored.read_bytes())
+            middle = len(raw) // 2
+            raw[middle] = ord("A") if raw[middle] != ord("A") else ord("B")  # still base64, still well-formed JSON
+            stored.write_bytes(bytes(raw))
+            again = run_here(params(data, seed=11))
         assert "train" not in cached(again["cards"]) and again["cards"]["train"] == "Completed"
         assert {"data_load", "data_split", "model_define"} <= cached(again["cards"])
         assert again["metrics"] == first["metrics"]
