@@ -71,13 +71,21 @@ SCRIPT = textwrap.dedent(
 SHUTDOWN_NOISE = ("Traceback", "CancelledError", "Error flushing", "Failed to send telemetry")
 
 
+def written_script(tmp_path: Path) -> Path:
+    """The script, written once: rewriting it for each process truncated the
+    file under an interpreter that was just reading it, which then ran an empty
+    script and exited 0 without a word."""
+    script = tmp_path / "cli_script.py"
+    if not script.exists():
+        script.write_text(SCRIPT)
+    return script
+
+
 def run_script(
     tmp_path: Path, *args: str, home: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    script = tmp_path / "cli_script.py"
-    script.write_text(SCRIPT)
     return subprocess.run(
-        [sys.executable, str(script), *args],
+        [sys.executable, str(written_script(tmp_path)), *args],
         env=env or base_env(PREFECT_HOME=str(home)),
         capture_output=True,
         text=True,
@@ -87,10 +95,8 @@ def run_script(
 
 
 def start_script(tmp_path: Path, *args: str, home: Path) -> subprocess.Popen[str]:
-    script = tmp_path / "cli_script.py"
-    script.write_text(SCRIPT)
     return subprocess.Popen(
-        [sys.executable, str(script), *args],
+        [sys.executable, str(written_script(tmp_path)), *args],
         env=base_env(PREFECT_HOME=str(home)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
