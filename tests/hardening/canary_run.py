@@ -6,6 +6,11 @@ The run loads the saved Torch Storage block (canary credentials), keeps its resu
 there, logs botocore, s3fs and prefect-torch at DEBUG to stderr and (through
 PREFECT_LOGGING_EXTRA_LOGGERS) to the Prefect API, and SIGTERMs itself at the end
 of epoch 2, so Prefect records a crash with its traceback.
+
+Prefect answers the SIGTERM by recording the crash and killing the process with the
+default handler, which drops the API log worker's unsent batch (up to two seconds of
+records). The run therefore sends what it has logged before it signals itself, so
+the test reads every DEBUG record the child wrote up to the crash, not a race.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import sys
 
 from prefect import flow
 from prefect.logging.configuration import setup_logging
+from prefect.logging.handlers import APILogWorker
 
 from prefect_torch.blocks import TorchStorage
 from prefect_torch.engine.data import LoadSpec
@@ -33,6 +39,8 @@ DEBUG_LOGGERS = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "prefec
 class Terminate(Callback):
     def on_epoch_end(self, trainer, record) -> None:
         if record.epoch == 2:
+            sent = APILogWorker.drain_all(timeout=60)  # the callback runs outside any event loop
+            assert isinstance(sent, tuple) and not sent[1], "the API log worker did not drain in 60 s"
             os.kill(os.getpid(), signal.SIGTERM)
 
 
