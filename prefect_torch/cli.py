@@ -396,15 +396,37 @@ def _check_input(args: argparse.Namespace) -> None:
 
 def _start_reading(args: argparse.Namespace) -> None:
     """Read a dataset the cache has not seen in the background, while Prefect is imported
-    and the flow run starts: the Data Load card then takes the table instead of reading
-    it (``engine.data.start_loading``)."""
+    and the flow run starts, and split it there as soon as it is read: the Data Load and
+    Data Split cards then take the table and the splits instead of computing them
+    (``engine.data.start_loading``, ``engine.split.start_splitting``)."""
     from prefect_torch.engine.data import LoadSpec, start_loading
     from prefect_torch.engine.fingerprint import cache_folder
+    from prefect_torch.engine.split import start_splitting
 
+    split_spec = _early_split_spec(args)
+    then = None if split_spec is None else (lambda table, generation: start_splitting(table, split_spec, generation))
     # Prefect's home as Prefect will find it; a home set elsewhere (a prefect.toml) only
     # means a file the cache knows may be read here for nothing.
     home = os.environ.get("PREFECT_HOME") or "~/.prefect"
-    start_loading(LoadSpec(uri=args.data, format=args.format), cache_folder(home))
+    start_loading(LoadSpec(uri=args.data, format=args.format), cache_folder(home), then=then)
+
+
+def _early_split_spec(args: argparse.Namespace) -> Any:
+    """The SplitSpec the flow's ``DatasetSpec.split_spec()`` makes of these options, built
+    without importing the flows (which import Prefect). Were the two to differ, the card
+    would not take the early split and would split the table itself. ``None`` for options
+    the flow will refuse: it says why, in its own words."""
+    from pydantic import ValidationError
+
+    from prefect_torch.engine.split import SplitSpec
+    from prefect_torch.errors import ConfigError
+
+    dataset = _flow_parameters(args, args.data, args.target)["dataset"]
+    try:
+        return SplitSpec(target=dataset["target"], features=dataset["features"], problem=dataset["problem"],
+                         val_fraction=dataset["val_fraction"], test_fraction=dataset["test_fraction"])
+    except (ConfigError, ValidationError):
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -220,14 +221,19 @@ def _parse(spec: LoadSpec, raw: bytes, key: str, stat: os.stat_result | None, so
     return Table(frame, key, source, first_line, lines, ref=ref, storage_options=storage_options)
 
 
-def start_loading(spec: LoadSpec, fingerprint_cache: str | Path | None) -> bool:
+def start_loading(spec: LoadSpec, fingerprint_cache: str | Path | None,
+                  then: Callable[[Table, int], None] | None = None) -> bool:
     """Start reading ``spec``'s local file in a background thread (``prefetch``), for the
     ``load_table`` that follows in this process; whether it started.
 
     Only a file whose fingerprint is not remembered (in ``fingerprint_cache``) in its
     current state is read: one the cache has not seen, whose Data Load is no cache hit.
     A file the cache knows is left alone, so a rerun that changes only the model
-    still never reads it."""
+    still never reads it.
+
+    ``then(table, generation)`` runs in the reading thread once the table is parsed
+    (``split.start_splitting`` starts the Data Split's work there); it must not import,
+    and ``generation`` is the ``prefetch`` mark of this read's start."""
     if not _is_local(spec.uri):
         return False
     path = _local(spec.uri)
@@ -237,22 +243,31 @@ def start_loading(spec: LoadSpec, fingerprint_cache: str | Path | None) -> bool:
     import pyarrow  # noqa: F401
     import pyarrow.compute  # noqa: F401
     import pyarrow.csv  # noqa: F401
+    import pyarrow.dataset  # noqa: F401  (pyarrow.parquet's read_table imports it on first use)
     import pyarrow.pandas_compat  # noqa: F401
     import pyarrow.parquet  # noqa: F401
 
     real = path.resolve()
-    prefetch.start(str(real), lambda: _read_early(spec, path))
+    generation = prefetch.generation()
+    prefetch.start(str(real), lambda: _read_early(spec, path, then, generation))
     return True
 
 
-def _read_early(spec: LoadSpec, path: Path) -> tuple[LoadSpec, os.stat_result, str, Table]:
+def _read_early(spec: LoadSpec, path: Path, then: Callable[[Table, int], None] | None,
+                generation: int) -> tuple[LoadSpec, os.stat_result, str, Table]:
     # A file written to while read is not in the state ``before`` when the card comes to
     # take this read: it is not taken then, nor remembered here.
     before = path.stat()
     raw = path.read_bytes()
     key = content_key(raw)
     remember(path, before, key, None)  # this process's fingerprint; the card stores it on disk
-    return spec, before, key, _parse(spec, raw, key, before, spec.uri, None)
+    table = _parse(spec, raw, key, before, spec.uri, None)
+    if then is not None:
+        try:
+            then(table, generation)
+        except Exception:  # noqa: BLE001 - what follows the read is optional; the read is not lost
+            pass
+    return spec, before, key, table
 
 
 def _take_early_read(spec: LoadSpec) -> tuple[os.stat_result, str, Table] | None:
@@ -273,11 +288,12 @@ def _take_early_read(spec: LoadSpec) -> tuple[os.stat_result, str, Table] | None
     return before, key, table
 
 
-def drop_early_reads() -> None:
+def drop_early_reads(kept_for: Table | None = None) -> None:
     """Let go of what was read for a Data Load that did not need it (a cache hit): the
-    bytes its fingerprint kept and any table ``start_loading`` read."""
+    bytes its fingerprint kept and any table ``start_loading`` read. Work begun on the
+    table Data Load returned (``kept_for``: an early split of it) is kept."""
     drop_bytes()
-    prefetch.discard()
+    prefetch.discard(keep_following=kept_for)
 
 
 def _is_local(uri: str) -> bool:

@@ -3,8 +3,9 @@
 A command's first second or two go to importing Prefect and creating its flow
 run, which hold the GIL; reading, hashing and parsing a dataset file mostly
 release it. So the CLI starts the Data Load card's read as soon as it knows the
-dataset (``prefect_torch.engine.data.start_loading``), and the card takes the
-result when it runs instead of reading the file again.
+dataset (``prefect_torch.engine.data.start_loading``), then the Data Split's
+work on that table (``prefect_torch.engine.split.start_splitting``); each card
+takes its result when it runs instead of doing the work again.
 
 A job never imports: the caller imports what it needs first, because an import
 in this thread racing one in the main thread could deadlock. A job that fails
@@ -22,11 +23,13 @@ from typing import Any
 
 _lock = threading.Lock()
 _jobs: dict[str, "_Job"] = {}
+_generation = 0  # how many times ``discard`` ran: a job started for an earlier one is not wanted
 
 
 class _Job:
-    def __init__(self, work: Callable[[], Any]):
+    def __init__(self, work: Callable[[], Any], follows: Any = None):
         self.work = work
+        self.follows = follows
         self.done = threading.Event()
         self.result: Any = None
 
@@ -39,12 +42,25 @@ class _Job:
             self.done.set()
 
 
-def start(name: str, work: Callable[[], Any]) -> None:
-    """Run ``work()`` in a daemon thread; its result is ``take(name)``'s."""
-    job = _Job(work)
+def start(name: str, work: Callable[[], Any], *, follows: Any = None,
+          unless_discarded_since: int | None = None) -> bool:
+    """Run ``work()`` in a daemon thread; its result is ``take(name)``'s. Whether it started:
+    with ``unless_discarded_since`` (a ``generation()``), not if ``discard`` ran since then,
+    so a job that follows one nobody took is not left holding its result. ``follows`` is
+    the object the work is made from (see ``discard``)."""
+    job = _Job(work, follows)
     with _lock:
+        if unless_discarded_since is not None and unless_discarded_since != _generation:
+            return False
         _jobs[name] = job
     threading.Thread(target=job.run, name=f"prefect-torch-prefetch-{name}", daemon=True).start()
+    return True
+
+
+def generation() -> int:
+    """A mark for ``start(..., unless_discarded_since=...)``."""
+    with _lock:
+        return _generation
 
 
 def wait(name: str) -> None:
@@ -66,11 +82,16 @@ def take(name: str) -> Any:
     return job.result
 
 
-def discard() -> None:
+def discard(keep_following: Any = None) -> None:
     """Forget every job not taken (a cached Load needed none): its result is let go
-    as soon as its thread ends."""
+    as soon as its thread ends. Jobs that follow ``keep_following`` (the very object,
+    say the table a card took) stay, for the card that needs them next."""
+    global _generation
     with _lock:
-        _jobs.clear()
+        for name, job in list(_jobs.items()):
+            if keep_following is None or job.follows is not keep_following:
+                del _jobs[name]
+        _generation += 1
 
 
-__all__ = ["start", "wait", "take", "discard"]
+__all__ = ["start", "generation", "wait", "take", "discard"]

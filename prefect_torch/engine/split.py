@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from pydantic import Field, model_validator
 
+from prefect_torch.engine import prefetch
 from prefect_torch.engine.data import Table
 from prefect_torch.engine.records import Recordable
 from prefect_torch.engine.problem import ProblemChoice, ProblemType, resolve_problem
@@ -244,6 +245,30 @@ def split_table(table: Table | pd.DataFrame, spec: SplitSpec) -> Splits:
     del rows
     key = _splits_key(table.key, spec)
     return Splits(**splits, info=info, key=key)
+
+
+def start_splitting(table: Table, spec: SplitSpec, unless_discarded_since: int | None = None) -> bool:
+    """Split ``table`` in a background thread (``prefetch``) for the Data Split card that
+    follows in this process; whether it started. The CLI starts it as soon as its early
+    read has parsed the file, so the split's arithmetic, which mostly releases the GIL,
+    runs while Prefect is imported and the flow run starts. ``split_table`` imports
+    nothing on its way, as a prefetch job must not."""
+    return prefetch.start(_early_split_name(table, spec), lambda: split_table(table, spec), follows=table,
+                          unless_discarded_since=unless_discarded_since)
+
+
+def take_early_split(table: Table | pd.DataFrame, spec: SplitSpec) -> Splits | None:
+    """The Splits ``start_splitting`` made of this very table object with this spec (the
+    Data Load card handed on the early read's table), once done; ``None`` otherwise, at
+    once. A failed early split is ``None`` too: the card splits and meets the error itself."""
+    if not isinstance(table, Table):
+        return None
+    return prefetch.take(_early_split_name(table, spec))
+
+
+def _early_split_name(table: Table, spec: SplitSpec) -> str:
+    # The job holds the table, so while it waits to be taken no other object has its id.
+    return f"split-{id(table)}-{spec.model_dump_json()}"
 
 
 def _splits_key(data_key: str, spec: SplitSpec) -> str:

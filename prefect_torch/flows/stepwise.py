@@ -473,8 +473,11 @@ def stepwise_train_flow(
     user_steps = UserSteps(after_loss, after_backward, after_step)
     user_steps.check()
     table = data_load(dataset.load_spec())
-    drop_early_reads()  # a cached Load took neither the bytes its fingerprint read nor an early read
+    # A cached Load took neither the bytes its fingerprint read nor an early read; the
+    # early split of the table Load returned stays for Data Split.
+    drop_early_reads(kept_for=table)
     splits = data_split(table, dataset.split_spec())
+    drop_early_reads()  # a cached Split did not take it
     handle = model_define(model, splits)
     # The optimizer is built on the training device, as the Train card builds it.
     handle.model.to(resolve_device(training.device))

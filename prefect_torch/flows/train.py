@@ -102,8 +102,11 @@ def train_flow(
     logger = get_run_logger()
     load, split, define, fit, score = persisted_in(None, data_load, data_split, model_define, train, evaluate)
     table = load(dataset.load_spec())
-    drop_early_reads()  # a cached Load took neither the bytes its fingerprint read nor an early read
+    # A cached Load took neither the bytes its fingerprint read nor an early read; the
+    # early split of the table Load returned stays for Data Split.
+    drop_early_reads(kept_for=table)
     splits = split(table, dataset.split_spec())
+    drop_early_reads()  # a cached Split did not take it
     handle = define(model, splits)
     watchers = list(_extra_callbacks.get())
     extra_args = {"callbacks": watchers} if watchers else {}

@@ -6,7 +6,7 @@ import pandas as pd
 from prefect import task
 
 from prefect_torch.engine.data import LoadSpec, Table, load_table
-from prefect_torch.engine.split import Splits, SplitSpec, split_table
+from prefect_torch.engine.split import Splits, SplitSpec, split_table, take_early_split
 from prefect_torch.reporting.names import data_load_run_name, data_split_run_name
 from prefect_torch.tasks._common import coarse_card
 from prefect_torch.blocks.results import tensor_cache_dir
@@ -33,7 +33,9 @@ def data_split(table: Table | pd.DataFrame, spec: SplitSpec) -> Splits:
     file under ``tensors/``; the persisted result points at it, and a cache hit maps
     the file instead of reading a copy.
     """
-    splits = split_table(table, spec)
+    splits = take_early_split(table, spec)  # the CLI's early split of this table, if any
+    if splits is None:
+        splits = split_table(table, spec)
     storage = _torch_storage()
     if storage is not None:
         splits.store(storage.url("tensors"), fs=storage.filesystem(), cache_dir=tensor_cache_dir(),

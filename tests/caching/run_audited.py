@@ -4,14 +4,16 @@
     python -m tests.caching.run_audited --cli ARGV_JSON     # the prefect-torch command (cli.main)
 
 The environment variable ``WATCH_PATH`` names a file. After the run's own output,
-prints ``{"opened_by": [...]}``: for every open of that file during the run (an
-audit hook sees Python's ``open``/``os.open`` and the opens of libraries that read
-through Python), the prefect_torch function that made it.
+prints ``{"opened_by": [...], "split_in": [...]}``: for every open of that file during
+the run (an audit hook sees Python's ``open``/``os.open`` and the opens of libraries
+that read through Python), the prefect_torch function that made it; and for every
+split of a table (``engine.split.split_table``), the name of the thread that made it.
 """
 
 import json
 import os
 import sys
+import threading
 
 WATCHED = os.path.realpath(os.environ["WATCH_PATH"])
 opened_by: list[str] = []
@@ -36,8 +38,24 @@ def _hook(event: str, args: tuple) -> None:
             opened_by.append(_opener())
 
 
+def _count_splits() -> list[str]:
+    # Before anything imports split_table by name (the Data Split card does).
+    import prefect_torch.engine.split as split
+
+    split_in: list[str] = []
+    real = split.split_table
+
+    def counted(*args, **kwargs):
+        split_in.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    split.split_table = counted
+    return split_in
+
+
 def main() -> None:
     sys.addaudithook(_hook)
+    split_in = _count_splits()
     if sys.argv[1] == "--cli":
         from prefect_torch.cli import main as command
 
@@ -47,7 +65,7 @@ def main() -> None:
 
         run_train_flow.main()
         code = 0
-    print(json.dumps({"opened_by": opened_by}))
+    print(json.dumps({"opened_by": opened_by, "split_in": split_in}))
     sys.exit(code)
 
 

@@ -66,25 +66,28 @@ class TestCachedData:
 
     def test_the_cli_reads_a_new_dataset_once_and_a_rerun_with_another_model_not_at_all(self, data):
         """The command reads a dataset the cache has not seen while it starts (in the
-        background); Data Load takes that table. A rerun only peeks at the header to
-        check the columns before Prefect starts."""
+        background) and splits it there; Data Load and Data Split take that table and
+        those splits. A rerun only peeks at the header to check the columns before
+        Prefect starts, and splits nothing."""
         from prefect.settings import PREFECT_API_URL
 
         env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(prefect_home()),
                "WATCH_PATH": str(data)}
 
-        def train(hidden: str) -> tuple[dict, list[str]]:
+        def train(hidden: str) -> tuple[dict, list[str], list[str]]:
             argv = ["train", str(data), "--target", "y", "--epochs", "1", "--hidden", hidden, "--json"]
             out = subprocess.run([sys.executable, "-m", "tests.caching.run_audited", "--cli", json.dumps(argv)],
                                  capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
             assert out.returncode == 0, out.stderr[-3000:]
             *_, result, audit = out.stdout.strip().splitlines()
-            return json.loads(result), json.loads(audit)["opened_by"]
+            audit = json.loads(audit)
+            return json.loads(result), audit["opened_by"], audit["split_in"]
 
-        first, opened_by = train("16")
+        first, opened_by, split_in = train("16")
         assert sorted(opened_by) == ["_read_early", "check_columns"]
-        again, opened_by = train("24")
-        assert opened_by == ["check_columns"]
+        assert len(split_in) == 1 and split_in[0].startswith("prefect-torch-prefetch-split-"), split_in
+        again, opened_by, split_in = train("24")
+        assert (opened_by, split_in) == (["check_columns"], [])
         assert again["data_key"] == first["data_key"]
 
     def test_a_split_cache_hit_maps_the_stored_tensor_file(self, data):

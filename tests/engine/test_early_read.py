@@ -4,10 +4,13 @@ and a file the cache knows is never read early."""
 
 import pandas as pd
 import pytest
+import torch
 
 from prefect_torch.engine import fingerprint, prefetch
 from prefect_torch.engine.data import LoadSpec, drop_early_reads, load_table, start_loading
+from prefect_torch.engine.split import SplitSpec, split_table, start_splitting, take_early_split
 from prefect_torch.errors import DataError
+from tests.datasets import noisy_linear
 from tests.engine.test_fingerprint import age, hashed_opens
 
 
@@ -93,3 +96,77 @@ def test_a_load_with_no_early_read_is_unchanged(tmp_path):
     data, cache = csv_file(tmp_path), tmp_path / "fingerprints"
     (key, table), opens = hashed_opens(data, lambda: card_load(LoadSpec(uri=str(data)), cache))
     assert opens == 1 and table.key == key
+
+
+# The early split: the CLI splits the early read's table in the background as well.
+
+def regression_file(tmp_path, rows=400):
+    path = tmp_path / "r.csv"
+    noisy_linear(rows, features=3, seed=4).to_csv(path, index=False)
+    age(path)
+    return path
+
+
+def start_reading_and_splitting(spec, cache, split_spec):
+    return start_loading(spec, cache, then=lambda table, generation: start_splitting(table, split_spec, generation))
+
+
+def test_the_card_takes_the_early_split_of_the_table_load_returned_bitwise_equal(tmp_path):
+    data, cache = regression_file(tmp_path), tmp_path / "fingerprints"
+    spec, split_spec = LoadSpec(uri=str(data)), SplitSpec(target="y")
+    assert start_reading_and_splitting(spec, cache, split_spec)
+    _, table = card_load(spec, cache)
+    drop_early_reads(kept_for=table)  # as the flow does after Load
+
+    early = take_early_split(table, split_spec)
+    assert early is not None
+    made_here = split_table(table, split_spec)
+    assert early.key == made_here.key and early.info == made_here.info
+    for name in ("train", "val", "test"):
+        for got, want in zip((early[name].X, early[name].y), (made_here[name].X, made_here[name].y)):
+            assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert take_early_split(table, split_spec) is None  # taken once
+
+
+def test_an_early_split_is_not_taken_for_another_spec_or_another_table(tmp_path):
+    data, cache = regression_file(tmp_path), tmp_path / "fingerprints"
+    spec, split_spec = LoadSpec(uri=str(data)), SplitSpec(target="y")
+    assert start_reading_and_splitting(spec, cache, split_spec)
+    _, table = card_load(spec, cache)
+    drop_early_reads(kept_for=table)
+
+    assert take_early_split(table, SplitSpec(target="y", test_fraction=0.2)) is None
+    same_rows = load_table(spec, fingerprint_cache=cache)  # equal content, another object
+    assert take_early_split(same_rows, split_spec) is None
+    assert take_early_split(table.frame, split_spec) is None
+
+
+def test_a_load_that_did_not_take_the_early_read_drops_its_split(tmp_path):
+    data, cache = regression_file(tmp_path), tmp_path / "fingerprints"
+    split_spec = SplitSpec(target="y")
+    assert start_reading_and_splitting(LoadSpec(uri=str(data)), cache, split_spec)
+    prefetch.wait(str(data.resolve()))
+    early_table = prefetch.take(str(data.resolve()))[-1]
+
+    drop_early_reads()  # a cached Load: nothing of the early work is kept
+    assert take_early_split(early_table, split_spec) is None
+
+
+def test_work_that_follows_a_discarded_job_is_not_started():
+    mark = prefetch.generation()
+    prefetch.discard()
+    assert prefetch.start("late", lambda: 1, unless_discarded_since=mark) is False
+    assert prefetch.take("late") is None
+    assert prefetch.start("on time", lambda: 2, unless_discarded_since=prefetch.generation()) is True
+    assert prefetch.take("on time") == 2
+
+
+def test_a_failed_early_split_leaves_the_card_to_meet_the_error(tmp_path):
+    data, cache = regression_file(tmp_path), tmp_path / "fingerprints"
+    spec, split_spec = LoadSpec(uri=str(data)), SplitSpec(target="no such column")
+    assert start_reading_and_splitting(spec, cache, split_spec)
+    _, table = card_load(spec, cache)
+    drop_early_reads(kept_for=table)
+    assert take_early_split(table, split_spec) is None
+    with pytest.raises(DataError, match="no such column"):
+        split_table(table, split_spec)
