@@ -111,12 +111,20 @@ def start_reading_and_splitting(spec, cache, split_spec):
     return start_loading(spec, cache, then=lambda table, generation: start_splitting(table, split_spec, generation))
 
 
-def test_the_card_takes_the_early_split_of_the_table_load_returned_bitwise_equal(tmp_path):
+def loaded_with_early_split(tmp_path, split_spec):
+    """As the command and the flow do: early read and split, Data Load, then the drop of
+    what Load did not take. The load spec, the fingerprint cache and Load's table."""
     data, cache = regression_file(tmp_path), tmp_path / "fingerprints"
-    spec, split_spec = LoadSpec(uri=str(data)), SplitSpec(target="y")
+    spec = LoadSpec(uri=str(data))
     assert start_reading_and_splitting(spec, cache, split_spec)
     _, table = card_load(spec, cache)
-    drop_early_reads(kept_for=table)  # as the flow does after Load
+    drop_early_reads(kept_for=table)
+    return spec, cache, table
+
+
+def test_the_card_takes_the_early_split_of_the_table_load_returned_bitwise_equal(tmp_path):
+    split_spec = SplitSpec(target="y")
+    _, _, table = loaded_with_early_split(tmp_path, split_spec)
 
     early = take_early_split(table, split_spec)
     assert early is not None
@@ -129,11 +137,8 @@ def test_the_card_takes_the_early_split_of_the_table_load_returned_bitwise_equal
 
 
 def test_an_early_split_is_not_taken_for_another_spec_or_another_table(tmp_path):
-    data, cache = regression_file(tmp_path), tmp_path / "fingerprints"
-    spec, split_spec = LoadSpec(uri=str(data)), SplitSpec(target="y")
-    assert start_reading_and_splitting(spec, cache, split_spec)
-    _, table = card_load(spec, cache)
-    drop_early_reads(kept_for=table)
+    split_spec = SplitSpec(target="y")
+    spec, cache, table = loaded_with_early_split(tmp_path, split_spec)
 
     assert take_early_split(table, SplitSpec(target="y", test_fraction=0.2)) is None
     same_rows = load_table(spec, fingerprint_cache=cache)  # equal content, another object
@@ -162,11 +167,8 @@ def test_work_that_follows_a_discarded_job_is_not_started():
 
 
 def test_a_failed_early_split_leaves_the_card_to_meet_the_error(tmp_path):
-    data, cache = regression_file(tmp_path), tmp_path / "fingerprints"
-    spec, split_spec = LoadSpec(uri=str(data)), SplitSpec(target="no such column")
-    assert start_reading_and_splitting(spec, cache, split_spec)
-    _, table = card_load(spec, cache)
-    drop_early_reads(kept_for=table)
+    split_spec = SplitSpec(target="no such column")
+    _, _, table = loaded_with_early_split(tmp_path, split_spec)
     assert take_early_split(table, split_spec) is None
     with pytest.raises(DataError, match="no such column"):
         split_table(table, split_spec)
