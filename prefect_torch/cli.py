@@ -198,7 +198,7 @@ def _validated(parameters: dict[str, Any]) -> dict[str, Any]:
     from prefect_torch.engine.loop import TrainSpec
     from prefect_torch.engine.models import ModelSpec
     from prefect_torch.engine.optim import OptimizerSpec
-    from prefect_torch.flows.params import DatasetSpec
+    from prefect_torch.engine.dataset import DatasetSpec
 
     return {
         "dataset": DatasetSpec.model_validate(parameters["dataset"]),
@@ -398,35 +398,27 @@ def _start_reading(args: argparse.Namespace) -> None:
     """Read a dataset the cache has not seen in the background, while Prefect is imported
     and the flow run starts, and split it there as soon as it is read: the Data Load and
     Data Split cards then take the table and the splits instead of computing them
-    (``engine.data.start_loading``, ``engine.split.start_splitting``)."""
-    from prefect_torch.engine.data import LoadSpec, start_loading
+    (``engine.data.start_loading``, ``engine.split.start_splitting``). The load and split
+    specs are the flow's own, from the same ``DatasetSpec``; options the flow will refuse
+    start nothing (the flow says why, in its own words)."""
+    from pydantic import ValidationError
+
+    from prefect_torch.engine.data import start_loading
+    from prefect_torch.engine.dataset import DatasetSpec
     from prefect_torch.engine.fingerprint import cache_folder
     from prefect_torch.engine.split import start_splitting
+    from prefect_torch.errors import ConfigError
 
-    split_spec = _early_split_spec(args)
-    then = None if split_spec is None else (lambda table, generation: start_splitting(table, split_spec, generation))
+    try:
+        dataset = DatasetSpec.model_validate(_flow_parameters(args, args.data, args.target)["dataset"])
+        load_spec, split_spec = dataset.load_spec(), dataset.split_spec()
+    except (ConfigError, ValidationError):
+        return
     # Prefect's home as Prefect will find it; a home set elsewhere (a prefect.toml) only
     # means a file the cache knows may be read here for nothing.
     home = os.environ.get("PREFECT_HOME") or "~/.prefect"
-    start_loading(LoadSpec(uri=args.data, format=args.format), cache_folder(home), then=then)
-
-
-def _early_split_spec(args: argparse.Namespace) -> Any:
-    """The SplitSpec the flow's ``DatasetSpec.split_spec()`` makes of these options, built
-    without importing the flows (which import Prefect). Were the two to differ, the card
-    would not take the early split and would split the table itself. ``None`` for options
-    the flow will refuse: it says why, in its own words."""
-    from pydantic import ValidationError
-
-    from prefect_torch.engine.split import SplitSpec
-    from prefect_torch.errors import ConfigError
-
-    dataset = _flow_parameters(args, args.data, args.target)["dataset"]
-    try:
-        return SplitSpec(target=dataset["target"], features=dataset["features"], problem=dataset["problem"],
-                         val_fraction=dataset["val_fraction"], test_fraction=dataset["test_fraction"])
-    except (ConfigError, ValidationError):
-        return None
+    start_loading(load_spec, cache_folder(home),
+                  then=lambda table, generation: start_splitting(table, split_spec, generation))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -197,24 +197,23 @@ def test_a_run_on_the_temporary_server_says_how_to_keep_one(tmp_path, home):
     assert out.stderr.count(PERSISTENT_SERVER_HINT) == 1
 
 
-@pytest.mark.parametrize("options", [
-    [],
-    ["--features", "a,b", "--problem", "regression", "--val-fraction", "0.2", "--test-fraction", "0.1"],
-])
-def test_the_early_split_is_made_with_the_spec_the_flow_splits_with(options):
-    """The command splits a new dataset while Prefect starts, with a SplitSpec built
-    without the flows; Data Split takes that work only if it equals the flow's own."""
-    from prefect_torch.cli import _early_split_spec, _flow_parameters, build_parser
-    from prefect_torch.flows.params import DatasetSpec
+def test_options_the_flow_refuses_start_no_early_read_or_split(tmp_path, monkeypatch):
+    """The command reads and splits a new dataset while Prefect starts, with the load
+    and split specs of the flow's own DatasetSpec; options whose split the flow will
+    refuse start nothing in the background."""
+    from prefect_torch.cli import _start_reading, build_parser
+    from prefect_torch.engine import prefetch
 
-    args = build_parser().parse_args(["train", "d.csv", "--target", "y", *options])
-    flow_spec = DatasetSpec.model_validate(_flow_parameters(args, args.data, args.target)["dataset"]).split_spec()
-    assert _early_split_spec(args) == flow_spec
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    data = tmp_path / "d.csv"
+    noisy_linear(50, features=2, seed=1).to_csv(data, index=False)
+    refused = build_parser().parse_args(["train", str(data), "--target", "y", "--val-fraction", "0.5",
+                                         "--test-fraction", "0.5"])
+    _start_reading(refused)
+    assert prefetch.take(str(data.resolve())) is None
 
-
-def test_options_the_flow_refuses_start_no_early_split():
-    from prefect_torch.cli import _early_split_spec, build_parser
-
-    args = build_parser().parse_args(["train", "d.csv", "--target", "y", "--val-fraction", "0.5",
-                                      "--test-fraction", "0.5"])
-    assert _early_split_spec(args) is None
+    accepted = build_parser().parse_args(["train", str(data), "--target", "y"])
+    _start_reading(accepted)
+    spec, _, _, table = prefetch.take(str(data.resolve()))
+    assert spec.uri == str(data) and len(table.frame) == 50
+    prefetch.discard()
