@@ -387,13 +387,19 @@ def _numeric_features(frame: pd.DataFrame, features: list[str]) -> np.ndarray:
     return frame[features].to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-# Rows per block when standardising: float64 work stays a few MB, whatever the data size.
-_BLOCK_ROWS = 1 << 15
+# Bytes of a float64 block when standardising: the work stays this size whatever the
+# data size, and a split is a few dozen numpy operations (each one, on the background
+# split, waits for the GIL as a transpose chunk does).
+_BLOCK_BYTES = 32 << 20
 
 
-# Bytes of the matrix filled per block of rows: the block stays in cache while the
-# columns are written into it, so the transpose reads and writes memory in order.
-_TRANSPOSE_BYTES = 1 << 20
+# Bytes of the matrix filled per chunk of rows. Each chunk is two torch copies made
+# without the GIL (the columns stacked, then transposed into place in cache-sized
+# tiles): the split runs on a background thread while the main thread imports Prefect,
+# and every time a copy hands the GIL back it waits for the main thread's switch
+# interval (5 ms). Copying column by column took it back once per column per megabyte
+# (at 1M x 64, a 1.4 s split took 3.5 s beside the import).
+_TRANSPOSE_BYTES = 64 << 20
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
 
@@ -403,28 +409,32 @@ class _FeatureMatrix:
     ``_numeric_features`` gives).
 
     A split's rows are whole rows of it, read in one sequential run each, instead of
-    one random read per value from every column; the matrix is filled from the
-    frame's columns block by block, so that copy runs in order too. ``split`` of
-    float32 data gathers the rows once into the split's float32 tensor, which the
-    statistics and the standardising then work on in place."""
+    one random read per value from every column. ``split`` of float32 data gathers the
+    rows once into the split's float32 tensor, which the statistics and the
+    standardising then work on in place."""
 
     def __init__(self, frame: pd.DataFrame, features: list[str]):
         self.float32 = all(frame[c].dtype == np.float32 for c in features)
         dtype = np.dtype(np.float32 if self.float32 else np.float64)
+        # Views, not copies, where the column already has the dtype. DLPack because
+        # Arrow-backed columns are read-only, which torch.from_numpy warns about; they
+        # are only read.
         columns = [
-            frame[c].to_numpy() if frame[c].dtype == dtype else frame[c].to_numpy(dtype=dtype, na_value=np.nan)
+            torch.from_dlpack(
+                frame[c].to_numpy() if frame[c].dtype == dtype else frame[c].to_numpy(dtype=dtype, na_value=np.nan)
+            )
             for c in features
         ]
         self.width = len(features)
         # Allocated by torch: numpy asks the kernel for huge pages for large arrays, and
         # where it compacts memory for them on demand (THP defrag "madvise", a common
         # default) the first write to a new array can cost several times the copy.
-        self.matrix = torch.empty((len(frame), self.width), dtype=_TORCH_DTYPES[dtype]).numpy()
+        matrix = torch.empty((len(frame), self.width), dtype=_TORCH_DTYPES[dtype])
         step = max(1, _TRANSPOSE_BYTES // max(1, self.width * dtype.itemsize))
         for start in range(0, len(frame), step):
-            block = self.matrix[start : start + step]
-            for j, column in enumerate(columns):
-                block[:, j] = column[start : start + step]
+            rows = slice(start, start + step)
+            matrix[rows].copy_(torch.stack([column[rows] for column in columns]).t())
+        self.matrix = matrix.numpy()
 
     def split(self, parts: dict[str, np.ndarray]) -> dict[str, "_SplitRows"]:
         """Each split's rows, by split name."""
@@ -439,19 +449,20 @@ class _FeatureMatrix:
 
 
 class _SplitRows:
-    """One split's feature rows, visited in float64 blocks of ``_BLOCK_ROWS`` in row order:
+    """One split's feature rows, visited in float64 blocks of ``_BLOCK_BYTES`` in row order:
     from its own float32 copy (``gathered``) or straight from the float64 ``matrix``."""
 
     def __init__(self, width: int, rows: np.ndarray, *, gathered: np.ndarray | None = None,
                  matrix: np.ndarray | None = None):
         self.width, self.rows, self.gathered, self.matrix = width, rows, gathered, matrix
-        self.scratch = np.empty((min(len(rows), _BLOCK_ROWS), width), dtype=np.float64)
 
     def blocks(self) -> Iterator[tuple[slice, np.ndarray]]:
         """(where in the split, its rows as float64) per block; a block may be changed in place."""
-        for start in range(0, len(self.rows), _BLOCK_ROWS):
-            where = slice(start, min(start + _BLOCK_ROWS, len(self.rows)))
-            block = self.scratch[: where.stop - start]
+        step = max(1, _BLOCK_BYTES // max(1, self.width * 8))
+        scratch = np.empty((min(len(self.rows), step), self.width), dtype=np.float64)
+        for start in range(0, len(self.rows), step):
+            where = slice(start, min(start + step, len(self.rows)))
+            block = scratch[: where.stop - start]
             if self.gathered is not None:
                 block[...] = self.gathered[where]
             else:
