@@ -278,7 +278,10 @@ def _saved_as_is(block: TorchResultStorage, name: str) -> bool:
     """Whether ``name`` already holds what a save of ``block`` would write (the same
     settings, secrets included, under the same schema); if so, ``block`` is marked as
     that saved document, as a save would. One API read instead of a save's
-    registration of the block type and schema and its write (about 0.3 s a run)."""
+    registration of the block type and schema and its write (about 0.3 s a run).
+
+    The saved data is compared as JSON, not loaded into a block: loading a block with a
+    nested block makes Prefect import every installed Prefect collection first."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -291,16 +294,17 @@ def _saved_as_is(block: TorchResultStorage, name: str) -> bool:
         return False
     if document.block_schema is None or document.block_schema.checksum != block._calculate_schema_checksum():
         return False
-    if _settings(TorchResultStorage._from_block_document(document)) != _settings(block):
+    if document.data != _settings(block):
         return False
     block._block_document_id, block._block_document_name = document.id, document.name
     return True
 
 
 def _settings(block: TorchResultStorage) -> dict[str, Any]:
-    """The block's fields as saved, secrets included (without the ids a saved block carries)."""
+    """The block's data as a save writes it and the API returns it: its fields as JSON,
+    secrets included, nested blocks with their type slug."""
     dumped = block.model_dump(mode="json", context={"include_secrets": True})
-    return {key: value for key, value in dumped.items() if not key.startswith("_")}
+    return {key: value for key, value in dumped.items() if not key.startswith("_") and key != "block_type_slug"}
 
 
 def result_options(storage: TorchStorage | None = None) -> dict[str, Any]:
