@@ -172,3 +172,26 @@ def test_table_from_frame_is_keyed_by_content():
     assert Table.from_frame(a).key == Table.from_frame(b).key
     b.loc[3, "x1"] += 1e-9
     assert Table.from_frame(a).key != Table.from_frame(b).key
+
+
+def test_the_feature_matrix_is_the_columns_side_by_side_in_any_chunking(monkeypatch):
+    """Arrow-backed columns (read-only, as a Parquet read gives them) are transposed into a
+    row-major matrix chunk by chunk, without a warning about read-only arrays."""
+    import warnings
+
+    import pyarrow as pa
+
+    from prefect_torch.engine import split
+
+    rng = np.random.default_rng(5)
+    columns = {f"x{i}": rng.normal(size=10_001).astype(np.float32) for i in range(7)}
+    frame = pa.table(columns).to_pandas(split_blocks=True, self_destruct=True)
+    assert not frame["x0"].to_numpy().flags.writeable
+    expected = np.column_stack(list(columns.values()))
+    for chunk_bytes in (7 * 4 * 1000, 1 << 30):  # ten and a bit chunks, then one
+        monkeypatch.setattr(split, "_TRANSPOSE_BYTES", chunk_bytes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            matrix = split._FeatureMatrix(frame, list(columns)).matrix
+        assert matrix.flags.c_contiguous and matrix.dtype == np.float32
+        assert matrix.tobytes() == expected.tobytes()
