@@ -416,11 +416,8 @@ class _FeatureMatrix:
     def __init__(self, frame: pd.DataFrame, features: list[str]):
         self.float32 = all(frame[c].dtype == np.float32 for c in features)
         dtype = np.dtype(np.float32 if self.float32 else np.float64)
-        # Views, not copies, where the column already has the dtype. DLPack because
-        # Arrow-backed columns are read-only, which torch.from_numpy warns about; they
-        # are only read.
         columns = [
-            torch.from_dlpack(
+            _tensor_to_read(
                 frame[c].to_numpy() if frame[c].dtype == dtype else frame[c].to_numpy(dtype=dtype, na_value=np.nan)
             )
             for c in features
@@ -446,6 +443,18 @@ class _FeatureMatrix:
         # torch's row gather uses every core; numpy's fancy indexing one.
         gathered = torch.from_numpy(self.matrix).index_select(0, torch.from_numpy(rows)).numpy()
         return _SplitRows(self.width, rows, gathered=gathered)
+
+
+def _tensor_to_read(array: np.ndarray) -> torch.Tensor:
+    """A tensor over ``array``'s memory, only to be read. Arrow-backed columns (a Parquet
+    read) are read-only, which ``torch.from_numpy`` warns about; DLPack shares them
+    without the warning where numpy can say read-only (numpy >= 2.1), else they are copied."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    try:
+        return torch.from_dlpack(array)
+    except BufferError:
+        return torch.from_numpy(array.copy())
 
 
 class _SplitRows:
