@@ -398,7 +398,7 @@ _BLOCK_BYTES = 32 << 20
 # tiles): the split runs on a background thread while the main thread imports Prefect,
 # and every time a copy hands the GIL back it waits for the main thread's switch
 # interval (5 ms). Copying column by column took it back once per column per megabyte
-# (at 1M x 64, a 1.4 s split took 3.5 s beside the import).
+# (at 1M x 64, a 1.4 s split took about 4 s beside the import).
 _TRANSPOSE_BYTES = 64 << 20
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
