@@ -407,6 +407,7 @@ def _start_reading(args: argparse.Namespace) -> None:
     from prefect_torch.engine.dataset import DatasetSpec
     from prefect_torch.engine.fingerprint import cache_folder
     from prefect_torch.engine.split import start_splitting
+    from prefect_torch.engine.tensorfile import default_cache_dir
     from prefect_torch.errors import ConfigError
 
     try:
@@ -417,8 +418,11 @@ def _start_reading(args: argparse.Namespace) -> None:
     # Prefect's home as Prefect will find it; a home set elsewhere (a prefect.toml) only
     # means a file the cache knows may be read here for nothing.
     home = os.environ.get("PREFECT_HOME") or "~/.prefect"
+    # The split's tensor file is written ahead beside Prefect's tensor cache, on the file
+    # system of the default storage, where the card renames it into place.
+    stage_in = default_cache_dir(home)
     start_loading(load_spec, cache_folder(home),
-                  then=lambda table, generation: start_splitting(table, split_spec, generation))
+                  then=lambda table, generation: start_splitting(table, split_spec, generation, stage_in))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -22,6 +24,7 @@ from prefect_torch.engine.data import Table
 from prefect_torch.engine.records import Recordable
 from prefect_torch.engine.problem import ProblemChoice, ProblemType, resolve_problem
 from prefect_torch.engine.spec import Spec
+from prefect_torch.engine.tensorfile import StagedFile, map_tensor_file, stage_tensor_file, write_tensor_file
 from prefect_torch.errors import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -154,6 +157,8 @@ class Splits(Recordable):
     key: str = ""
     # Where the tensors are stored (a tensorfile reference), once they are.
     stored: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    # The tensor file written ahead (``stage``) for ``store`` to rename into place.
+    staged: StagedFile | None = field(default=None, compare=False, repr=False)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The split tensors by name ('train.X', 'train.y', ...)."""
@@ -164,14 +169,29 @@ class Splits(Recordable):
             tensors[f"{name}.y"] = part.y
         return tensors
 
+    def stage(self, folder: str | Path) -> "Splits":
+        """Write the tensor file ahead, under a temporary name in the local ``folder``, for
+        ``store`` to rename into place: the CLI's early split does this in the background
+        while Prefect starts. The file goes when this object does, if nobody stored it."""
+        staged = stage_tensor_file(folder, self.tensors())
+        weakref.finalize(self, staged.discard)
+        self.staged = staged
+        return self
+
+    def discard_staged(self) -> None:
+        """Remove the file ``stage`` wrote, if ``store`` did not take it."""
+        staged, self.staged = self.staged, None
+        if staged is not None:
+            staged.discard()
+
     def store(self, folder: str, fs: Any = None, cache_dir: Any = None, upload: Any = None) -> "Splits":
         """Write the tensors once, uncompressed, as a safetensors file in ``folder``
         (named by the split's key and checksum); from then on this object's record is
-        a small reference to that file, and reading it back maps the file."""
-        from prefect_torch.engine.tensorfile import write_tensor_file
-
+        a small reference to that file, and reading it back maps the file. A file
+        ``stage`` wrote is renamed into place instead."""
+        staged, self.staged = self.staged, None
         self.stored = write_tensor_file(
-            folder, self.key or "split", self.tensors(), fs=fs, cache_dir=cache_dir, upload=upload
+            folder, self.key or "split", self.tensors(), fs=fs, cache_dir=cache_dir, upload=upload, staged=staged
         )
         return self
 
@@ -186,8 +206,6 @@ class Splits(Recordable):
     def __from_record__(cls, tensors, meta):
         stored = meta.get("tensors")
         if stored is not None:
-            from prefect_torch.engine.tensorfile import map_tensor_file
-
             tensors = map_tensor_file(stored)
         parts = {name: TensorSplit(tensors[f"{name}.X"], tensors[f"{name}.y"]) for name in SPLIT_NAMES}
         return cls(**parts, info=DatasetInfo.from_dict(meta["info"]), key=meta["key"], stored=stored)
@@ -247,13 +265,26 @@ def split_table(table: Table | pd.DataFrame, spec: SplitSpec) -> Splits:
     return Splits(**splits, info=info, key=key)
 
 
-def start_splitting(table: Table, spec: SplitSpec, unless_discarded_since: int | None = None) -> bool:
+def start_splitting(table: Table, spec: SplitSpec, unless_discarded_since: int | None = None,
+                    stage_in: str | Path | None = None) -> bool:
     """Split ``table`` in a background thread (``prefetch``) for the Data Split card that
     follows in this process; whether it started. The CLI starts it as soon as its early
     read has parsed the file, so the split's arithmetic, which mostly releases the GIL,
-    runs while Prefect is imported and the flow run starts. ``split_table`` imports
-    nothing on its way, as a prefetch job must not."""
-    return prefetch.start(_early_split_name(table, spec), lambda: split_table(table, spec), follows=table,
+    runs while Prefect is imported and the flow run starts. With ``stage_in`` (a local
+    folder) the tensor file is written and fsynced there too (``Splits.stage``), which
+    the card then only renames into its storage. ``split_table`` and ``stage`` import
+    nothing on their way, as a prefetch job must not."""
+
+    def work() -> Splits:
+        splits = split_table(table, spec)
+        if stage_in is not None:
+            try:
+                splits.stage(stage_in)
+            except OSError:
+                pass  # no room or no right to write there: the card writes the file itself
+        return splits
+
+    return prefetch.start(_early_split_name(table, spec), work, follows=table,
                           unless_discarded_since=unless_discarded_since)
 
 

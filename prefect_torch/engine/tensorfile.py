@@ -14,6 +14,9 @@ cache folder named by its checksum, then mapped.
 
 Writes are atomic (a temporary file in the same folder, fsync, rename; one
 upload to object storage), so a crash mid-write leaves the previous file whole.
+A file can also be written ahead, before anyone knows where it will be stored
+(``stage_tensor_file``: the CLI's early split does so in the background while
+Prefect starts); ``write_tensor_file(staged=...)`` then renames it into place.
 
 This module imports nothing from Prefect.
 """
@@ -26,6 +29,7 @@ import struct
 import threading
 import uuid
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -67,6 +71,62 @@ def _access_for(uri: str) -> tuple[Any, Any]:
     return None, None
 
 
+@dataclass(frozen=True)
+class StagedFile:
+    """A whole tensor file written ahead under a temporary name (``stage_tensor_file``)."""
+
+    path: Path
+    checksum: str
+    bytes: int
+
+    def discard(self) -> None:
+        """Remove the file if it is still there (it was not stored)."""
+        with suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+_STAGED_PREFIX = ".staged."
+
+
+def stage_tensor_file(folder: str | Path, tensors: dict[str, "torch.Tensor"]) -> StagedFile:
+    """Write ``tensors`` as a tensor file, fsynced, under a temporary name in the local
+    ``folder``, for ``write_tensor_file(staged=...)`` to rename into place later.
+
+    The name carries this process's id: staged files whose process is gone (killed
+    before it stored or removed them) are removed here, by the next process to stage
+    in the same folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_orphaned_staged_files(folder)
+    temp = folder / f"{_STAGED_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+    try:
+        checksum, size = _stream(temp, tensors)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    return StagedFile(temp, checksum, size)
+
+
+def _remove_orphaned_staged_files(folder: Path) -> None:
+    for path in folder.glob(f"{_STAGED_PREFIX}*{TEMP_SUFFIX}"):
+        pid = path.name.removeprefix(_STAGED_PREFIX).split(".", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            with suppress(OSError):
+                path.unlink()
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
+
+
 def file_checksum(path: str | Path) -> str:
     """The xxh3-128 hex digest of a local file, read in chunks."""
     digest = xxhash.xxh3_128()
@@ -83,30 +143,34 @@ def write_tensor_file(
     fs: Any = None,
     cache_dir: str | Path | None = None,
     upload: Callable[[Path, str], Any] | None = None,
+    staged: StagedFile | None = None,
 ) -> dict[str, Any]:
     """Write ``tensors`` as ``<folder>/<stem>.<checksum>.safetensors``.
 
     ``folder`` is a local folder or a URL of ``fs`` (an fsspec file system). A remote
     file is written to ``cache_dir`` first (where a later read maps it) and uploaded
     in one piece, by ``upload(local_path, url)`` when given (a storage's retrying
-    upload), else by ``fs.put_file``. Returns the reference a record keeps: ``uri``,
-    ``checksum``, ``bytes``.
+    upload), else by ``fs.put_file``. ``staged``, a file ``stage_tensor_file`` wrote of
+    these very tensors, is renamed into place instead of writing them again (where it
+    cannot be, on another file system say, they are written afresh and it is removed).
+    Returns the reference a record keeps: ``uri``, ``checksum``, ``bytes``.
     """
     local_folder = Path(folder) if is_local(folder) else Path(cache_dir or _default_cache_dir())
     local_folder.mkdir(parents=True, exist_ok=True)
-    temp = local_folder / f".{stem}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
-    try:
-        checksum, size = _stream(temp, tensors)
-        name = f"{stem}.{checksum[:16]}.safetensors"
-        if is_local(folder):
-            local = local_folder / name
-        else:
-            local = local_folder / f"{checksum}.safetensors"
-        os.replace(temp, local)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    local = _place_staged(staged, stem, local_folder, remote=not is_local(folder)) if staged else None
+    if local is not None:
+        checksum, size = staged.checksum, staged.bytes
+    else:
+        temp = local_folder / f".{stem}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+        try:
+            checksum, size = _stream(temp, tensors)
+            local = local_folder / _stored_name(stem, checksum, remote=not is_local(folder))
+            os.replace(temp, local)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+    name = _stored_name(stem, checksum, remote=False)
     fsync_folder(local_folder)
     if is_local(folder):
         uri = str(local.resolve())
@@ -123,6 +187,25 @@ def write_tensor_file(
                 raise StorageError(f"Cannot upload {uri}: {type(exc).__name__}: {exc}.") from exc
     _mark_verified(local, checksum)
     return {"uri": uri, "checksum": checksum, "algorithm": CHECKSUM, "bytes": size}
+
+
+def _stored_name(stem: str, checksum: str, remote: bool) -> str:
+    # A remote file's local copy is named by its checksum alone, as a download is.
+    return f"{checksum}.safetensors" if remote else f"{stem}.{checksum[:16]}.safetensors"
+
+
+def _place_staged(staged: StagedFile, stem: str, folder: Path, remote: bool) -> Path | None:
+    """Rename a staged file into ``folder``; ``None`` where it cannot be (gone, cut short,
+    or on another file system), after removing it."""
+    target = folder / _stored_name(stem, staged.checksum, remote)
+    try:
+        if staged.path.stat().st_size == staged.bytes:
+            os.replace(staged.path, target)
+            return target
+    except OSError:
+        pass
+    staged.discard()
+    return None
 
 
 def map_tensor_file(
@@ -266,7 +349,12 @@ def _mark_verified(path: Path, checksum: str) -> None:
 
 
 def _default_cache_dir() -> Path:
-    return Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser() / "prefect-torch" / "cache" / "tensors"
+    return default_cache_dir(os.environ.get("PREFECT_HOME", "~/.prefect"))
+
+
+def default_cache_dir(prefect_home: str | Path) -> Path:
+    """The local folder of tensor files under a Prefect home (mapped downloads, staged writes)."""
+    return Path(prefect_home).expanduser() / "prefect-torch" / "cache" / "tensors"
 
 
 def forget_verified() -> None:
@@ -275,4 +363,4 @@ def forget_verified() -> None:
         _verified.clear()
 
 
-__all__ = ["register_access", "write_tensor_file", "map_tensor_file", "file_checksum", "forget_verified", "CHECKSUM"]
+__all__ = ["register_access", "write_tensor_file", "stage_tensor_file", "StagedFile", "default_cache_dir", "map_tensor_file", "file_checksum", "forget_verified", "CHECKSUM"]

@@ -40,6 +40,8 @@ def data_split(table: Table | pd.DataFrame, spec: SplitSpec) -> Splits:
     if storage is not None:
         splits.store(storage.url("tensors"), fs=storage.filesystem(), cache_dir=tensor_cache_dir(),
                      upload=lambda local, url: storage.upload_file(local, url))
+    else:
+        splits.discard_staged()  # the early split wrote its file for a storage this run has not
     return splits
 
 

@@ -4,10 +4,13 @@
     python -m tests.caching.run_audited --cli ARGV_JSON     # the prefect-torch command (cli.main)
 
 The environment variable ``WATCH_PATH`` names a file. After the run's own output,
-prints ``{"opened_by": [...], "split_in": [...]}``: for every open of that file during
-the run (an audit hook sees Python's ``open``/``os.open`` and the opens of libraries
-that read through Python), the prefect_torch function that made it; and for every
-split of a table (``engine.split.split_table``), the name of the thread that made it.
+prints ``{"opened_by": [...], "split_in": [...], "tensor_files_written_in": [...]}``:
+for every open of that file during the run (an audit hook sees Python's
+``open``/``os.open`` and the opens of libraries that read through Python), the
+prefect_torch function that made it; for every split of a table
+(``engine.split.split_table``), the name of the thread that made it; and for every
+tensor file written (a new file in a ``tensors`` folder), the name of the thread
+that wrote it.
 """
 
 import json
@@ -17,6 +20,7 @@ import threading
 
 WATCHED = os.path.realpath(os.environ["WATCH_PATH"])
 opened_by: list[str] = []
+tensor_files_written_in: list[str] = []
 
 
 def _opener() -> str:
@@ -36,6 +40,9 @@ def _hook(event: str, args: tuple) -> None:
             return
         if path == WATCHED:
             opened_by.append(_opener())
+        flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
+        if os.path.basename(os.path.dirname(path)) == "tensors" and flags & os.O_CREAT:
+            tensor_files_written_in.append(threading.current_thread().name)
 
 
 def _count_splits() -> list[str]:
@@ -65,7 +72,8 @@ def main() -> None:
 
         run_train_flow.main()
         code = 0
-    print(json.dumps({"opened_by": opened_by, "split_in": split_in}))
+    print(json.dumps({"opened_by": opened_by, "split_in": split_in,
+                      "tensor_files_written_in": tensor_files_written_in}))
     sys.exit(code)
 
 

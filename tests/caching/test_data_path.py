@@ -66,29 +66,33 @@ class TestCachedData:
 
     def test_the_cli_reads_a_new_dataset_once_and_a_rerun_with_another_model_not_at_all(self, data):
         """The command reads a dataset the cache has not seen while it starts (in the
-        background) and splits it there; Data Load and Data Split take that table and
-        those splits. A rerun only peeks at the header to check the columns before
-        Prefect starts, and splits nothing."""
+        background), splits it there and writes the split's tensor file there; Data Load
+        and Data Split take that table and those splits, and the card only renames the
+        file into storage. A rerun only peeks at the header to check the columns before
+        Prefect starts, and splits and writes nothing."""
         from prefect.settings import PREFECT_API_URL
 
         env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(prefect_home()),
                "WATCH_PATH": str(data)}
 
-        def train(hidden: str) -> tuple[dict, list[str], list[str]]:
+        def train(hidden: str) -> tuple[dict, list[str], list[str], list[str]]:
             argv = ["train", str(data), "--target", "y", "--epochs", "1", "--hidden", hidden, "--json"]
             out = subprocess.run([sys.executable, "-m", "tests.caching.run_audited", "--cli", json.dumps(argv)],
                                  capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
             assert out.returncode == 0, out.stderr[-3000:]
             *_, result, audit = out.stdout.strip().splitlines()
             audit = json.loads(audit)
-            return json.loads(result), audit["opened_by"], audit["split_in"]
+            return json.loads(result), audit["opened_by"], audit["split_in"], audit["tensor_files_written_in"]
 
-        first, opened_by, split_in = train("16")
+        first, opened_by, split_in, written_in = train("16")
         assert sorted(opened_by) == ["_read_early", "check_columns"]
         assert len(split_in) == 1 and split_in[0].startswith("prefect-torch-prefetch-split-"), split_in
-        again, opened_by, split_in = train("24")
-        assert (opened_by, split_in) == (["check_columns"], [])
-        assert again["data_key"] == first["data_key"]
+        assert written_in == split_in  # one tensor file, written by the early split
+        (stored,) = split_files(data)
+        assert not list((prefect_home() / "prefect-torch" / "cache" / "tensors").glob(".staged.*"))
+        again, opened_by, split_in, written_in = train("24")
+        assert (opened_by, split_in, written_in) == (["check_columns"], [], [])
+        assert again["data_key"] == first["data_key"] and split_files(data) == [stored]
 
     def test_a_split_cache_hit_maps_the_stored_tensor_file(self, data):
         @flow

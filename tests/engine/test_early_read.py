@@ -2,6 +2,9 @@
 (``start_loading``); Data Load takes that table instead of reading the file again,
 and a file the cache knows is never read early."""
 
+import gc
+import os
+
 import pandas as pd
 import pytest
 import torch
@@ -172,3 +175,37 @@ def test_a_failed_early_split_leaves_the_card_to_meet_the_error(tmp_path):
     assert take_early_split(table, split_spec) is None
     with pytest.raises(DataError, match="no such column"):
         split_table(table, split_spec)
+
+
+def test_an_early_split_writes_its_tensor_file_ahead_and_the_store_renames_it(tmp_path):
+    data, cache, staging = regression_file(tmp_path), tmp_path / "fingerprints", tmp_path / "staging"
+    split_spec = SplitSpec(target="y")
+    spec = LoadSpec(uri=str(data))
+    assert start_loading(spec, cache, then=lambda table, generation: start_splitting(table, split_spec, generation,
+                                                                                     stage_in=staging))
+    _, table = card_load(spec, cache)
+    drop_early_reads(kept_for=table)
+
+    early = take_early_split(table, split_spec)
+    inode = early.staged.path.stat().st_ino
+    early.store(str(tmp_path / "tensors"))
+    assert os.stat(early.stored["uri"]).st_ino == inode and early.staged is None
+    assert list(staging.iterdir()) == []
+    assert early.stored["checksum"] == split_table(table, split_spec).store(str(tmp_path / "again")).stored["checksum"]
+
+
+def test_a_staged_split_nobody_stores_leaves_no_file(tmp_path):
+    split_spec = SplitSpec(target="y")
+    _, _, table = loaded_with_early_split(tmp_path, split_spec)
+    staging = tmp_path / "staging"
+
+    discarded = split_table(table, split_spec).stage(staging)
+    assert discarded.staged.path.exists()
+    discarded.discard_staged()
+    assert list(staging.iterdir()) == []
+
+    dropped = split_table(table, split_spec).stage(staging)
+    assert dropped.staged.path.exists()
+    del dropped
+    gc.collect()
+    assert list(staging.iterdir()) == []
