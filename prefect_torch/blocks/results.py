@@ -161,7 +161,9 @@ def tensor_cache_dir() -> Path:
     """Local folder where tensor files from object storage are kept to be mapped."""
     from prefect.settings import PREFECT_HOME
 
-    return Path(PREFECT_HOME.value()).expanduser() / "prefect-torch" / "cache" / "tensors"
+    from prefect_torch.engine.tensorfile import default_cache_dir  # torch-free
+
+    return default_cache_dir(PREFECT_HOME.value())
 
 
 def check_result_bytes(content: bytes) -> None:

@@ -99,14 +99,19 @@ def stage_tensor_file(folder: str | Path, tensors: dict[str, "torch.Tensor"]) ->
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _remove_orphaned_staged_files(folder)
-    temp = folder / f"{_STAGED_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+    return _write_temp(folder, f"{_STAGED_PREFIX}{os.getpid()}", tensors)
+
+
+def _write_temp(folder: Path, prefix: str, tensors: dict[str, "torch.Tensor"]) -> StagedFile:
+    """Stream ``tensors`` to a new temporary file ``<folder>/<prefix>.<random>``, removed
+    again if the write fails."""
+    temp = folder / f"{prefix}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
     try:
-        checksum, size = _stream(temp, tensors)
+        return StagedFile(temp, *_stream(temp, tensors))
     except BaseException:
         with suppress(FileNotFoundError):
             os.unlink(temp)
         raise
-    return StagedFile(temp, checksum, size)
 
 
 def _remove_orphaned_staged_files(folder: Path) -> None:
@@ -155,27 +160,24 @@ def write_tensor_file(
     cannot be, on another file system say, they are written afresh and it is removed).
     Returns the reference a record keeps: ``uri``, ``checksum``, ``bytes``.
     """
-    local_folder = Path(folder) if is_local(folder) else Path(cache_dir or _default_cache_dir())
+    remote = not is_local(folder)
+    local_folder = Path(cache_dir or _default_cache_dir()) if remote else Path(folder)
     local_folder.mkdir(parents=True, exist_ok=True)
-    local = _place_staged(staged, stem, local_folder, remote=not is_local(folder)) if staged else None
-    if local is not None:
-        checksum, size = staged.checksum, staged.bytes
-    else:
-        temp = local_folder / f".{stem}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+    local = _place_staged(staged, stem, local_folder, remote) if staged is not None else None
+    if local is None:
+        staged = _write_temp(local_folder, f".{stem}", tensors)
+        local = local_folder / _stored_name(stem, staged.checksum, remote)
         try:
-            checksum, size = _stream(temp, tensors)
-            local = local_folder / _stored_name(stem, checksum, remote=not is_local(folder))
-            os.replace(temp, local)
+            os.replace(staged.path, local)
         except BaseException:
-            with suppress(FileNotFoundError):
-                os.unlink(temp)
+            staged.discard()
             raise
-    name = _stored_name(stem, checksum, remote=False)
+    checksum, size = staged.checksum, staged.bytes
     fsync_folder(local_folder)
-    if is_local(folder):
+    if not remote:
         uri = str(local.resolve())
     else:
-        uri = folder.rstrip("/") + "/" + name
+        uri = folder.rstrip("/") + "/" + _stored_name(stem, checksum, remote=False)
         register_access(folder, fs, local_folder)
         if upload is not None:
             upload(local, uri)
