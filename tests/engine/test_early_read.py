@@ -110,8 +110,9 @@ def regression_file(tmp_path, rows=400):
     return path
 
 
-def start_reading_and_splitting(spec, cache, split_spec):
-    return start_loading(spec, cache, then=lambda table, generation: start_splitting(table, split_spec, generation))
+def start_reading_and_splitting(spec, cache, split_spec, stage_in=None):
+    return start_loading(spec, cache, then=lambda table, generation: start_splitting(table, split_spec, generation,
+                                                                                     stage_in))
 
 
 def loaded_with_early_split(tmp_path, split_spec):
@@ -181,8 +182,7 @@ def test_an_early_split_writes_its_tensor_file_ahead_and_the_store_renames_it(tm
     data, cache, staging = regression_file(tmp_path), tmp_path / "fingerprints", tmp_path / "staging"
     split_spec = SplitSpec(target="y")
     spec = LoadSpec(uri=str(data))
-    assert start_loading(spec, cache, then=lambda table, generation: start_splitting(table, split_spec, generation,
-                                                                                     stage_in=staging))
+    assert start_reading_and_splitting(spec, cache, split_spec, stage_in=staging)
     _, table = card_load(spec, cache)
     drop_early_reads(kept_for=table)
 
